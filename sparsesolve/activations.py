@@ -1,0 +1,171 @@
+"""Elementwise activations and the proximal update of their pre-activations.
+
+The SparseLLM coordinator updates each pre-activation ``z`` (elementwise, every token independent) by
+
+    z = argmin_z  alpha (z - m)^2 + gamma (a - c * phi(z))^2
+
+where ``m`` is the linear map's current output, ``a`` the activation auxiliary and ``c`` a scale
+(1 for a plain layer; the up-branch value ``u`` for the gate of a gated FFN). Closed forms exist for
+the identity and ReLU (``c = 1``); any other activation gets a safeguarded 1-D solve: since
+``f(z*) <= f(m)`` and ``f(z) >= alpha (z - m)^2``, the minimiser lies in ``[m - R, m + R]`` with
+``R = sqrt(f(m) / alpha)``; a grid over that bracket finds the best basin (``f`` may be non-convex)
+and safeguarded Newton steps, confined to the winning grid cell and accepted only when ``f``
+decreases, polish it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["Activation", "ACTIVATIONS", "get_activation"]
+
+GRID_POINTS = 33
+NEWTON_STEPS = 12
+
+
+@dataclass(frozen=True)
+class Activation:
+    """An elementwise activation ``phi`` with its first two derivatives (for the proximal solve)."""
+
+    name: str
+    fn: Callable[[torch.Tensor], torch.Tensor]
+    d1: Callable[[torch.Tensor], torch.Tensor]
+    d2: Callable[[torch.Tensor], torch.Tensor]
+
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        return self.fn(z)
+
+    def prox(
+        self,
+        m: torch.Tensor,
+        a: torch.Tensor,
+        alpha: float,
+        gamma: float,
+        scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Elementwise ``argmin_z alpha (z - m)^2 + gamma (a - scale * phi(z))^2`` (``scale`` = 1 if None)."""
+        if alpha <= 0 or gamma < 0:
+            raise ValueError(f"prox needs alpha > 0 and gamma >= 0, got {alpha}, {gamma}")
+        if self.name == "identity":
+            c = torch.ones_like(m) if scale is None else scale
+            return (alpha * m + gamma * c * a) / (alpha + gamma * c * c)
+        if self.name == "relu" and scale is None:
+            positive = ((gamma * a + alpha * m) / (gamma + alpha)).clamp_min(0)
+            negative = m.clamp_max(0)
+            return torch.where(
+                self.objective(positive, m, a, alpha, gamma) <= self.objective(negative, m, a, alpha, gamma),
+                positive,
+                negative,
+            )
+        return self._prox_search(m, a, alpha, gamma, scale)
+
+    def objective(
+        self,
+        z: torch.Tensor,
+        m: torch.Tensor,
+        a: torch.Tensor,
+        alpha: float,
+        gamma: float,
+        scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``alpha (z - m)^2 + gamma (a - scale * phi(z))^2`` elementwise."""
+        value = self.fn(z) if scale is None else scale * self.fn(z)
+        return alpha * (z - m) ** 2 + gamma * (a - value) ** 2
+
+    def _prox_search(
+        self, m: torch.Tensor, a: torch.Tensor, alpha: float, gamma: float, scale: torch.Tensor | None
+    ) -> torch.Tensor:
+        c = torch.ones_like(m) if scale is None else scale
+        radius = torch.sqrt(self.objective(m, m, a, alpha, gamma, scale) / alpha)
+        offsets = torch.linspace(-1.0, 1.0, GRID_POINTS, dtype=m.dtype, device=m.device)
+        best, best_f = m.clone(), self.objective(m, m, a, alpha, gamma, scale)
+        for offset in offsets.tolist():
+            z = m + offset * radius
+            f = self.objective(z, m, a, alpha, gamma, scale)
+            better = f < best_f
+            best, best_f = torch.where(better, z, best), torch.where(better, f, best_f)
+        cell = 2.0 * radius / (GRID_POINTS - 1)
+        lower, upper = best - cell, best + cell
+        for _ in range(NEWTON_STEPS):
+            phi, d1, d2 = self.fn(best), self.d1(best), self.d2(best)
+            residual = a - c * phi
+            grad = 2 * alpha * (best - m) - 2 * gamma * c * residual * d1
+            hess = 2 * alpha + 2 * gamma * c * c * d1 * d1 - 2 * gamma * c * residual * d2
+            step = torch.where(hess > 0, -grad / hess.clamp_min(1e-300), -grad / (2 * alpha))
+            for _ in range(4):
+                trial = torch.minimum(torch.maximum(best + step, lower), upper)
+                f = self.objective(trial, m, a, alpha, gamma, scale)
+                better = f < best_f
+                best, best_f = torch.where(better, trial, best), torch.where(better, f, best_f)
+                step = torch.where(better, torch.zeros_like(step), step / 2)
+        return best
+
+
+def _sigmoid_parts(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    s = torch.sigmoid(z)
+    return s, s * (1 - s)
+
+
+def _gelu_d1(z: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (1 + torch.erf(z / math.sqrt(2))) + z * torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
+
+
+def _gelu_d2(z: torch.Tensor) -> torch.Tensor:
+    return torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi) * (2 - z * z)
+
+
+def _tanh_gelu(z: torch.Tensor) -> torch.Tensor:
+    return F.gelu(z, approximate="tanh")
+
+
+def _autograd_derivatives(fn: Callable[[torch.Tensor], torch.Tensor]) -> tuple[Callable, Callable]:
+    """First and second derivatives of an elementwise ``fn`` by automatic differentiation."""
+
+    def d1(z: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad():
+            x = z.detach().requires_grad_(True)
+            return torch.autograd.grad(fn(x).sum(), x)[0]
+
+    def d2(z: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad():
+            x = z.detach().requires_grad_(True)
+            (g,) = torch.autograd.grad(fn(x).sum(), x, create_graph=True)
+            return torch.autograd.grad(g.sum(), x)[0]
+
+    return d1, d2
+
+
+def _silu_d1(z: torch.Tensor) -> torch.Tensor:
+    s, ds = _sigmoid_parts(z)
+    return s + z * ds
+
+
+def _silu_d2(z: torch.Tensor) -> torch.Tensor:
+    s, ds = _sigmoid_parts(z)
+    return ds * (2 + z * (1 - 2 * s))
+
+
+ACTIVATIONS: dict[str, Activation] = {
+    "identity": Activation("identity", lambda z: z, torch.ones_like, torch.zeros_like),
+    "relu": Activation("relu", torch.relu, lambda z: (z > 0).to(z.dtype), torch.zeros_like),
+    "silu": Activation("silu", F.silu, _silu_d1, _silu_d2),
+    "gelu": Activation("gelu", F.gelu, _gelu_d1, _gelu_d2),
+    "gelu_tanh": Activation("gelu_tanh", _tanh_gelu, *_autograd_derivatives(_tanh_gelu)),
+    "tanh": Activation("tanh", torch.tanh, lambda z: 1 - torch.tanh(z) ** 2,
+                       lambda z: -2 * torch.tanh(z) * (1 - torch.tanh(z) ** 2)),
+    "sigmoid": Activation("sigmoid", torch.sigmoid, lambda z: _sigmoid_parts(z)[1],
+                          lambda z: _sigmoid_parts(z)[1] * (1 - 2 * torch.sigmoid(z))),
+}
+
+
+def get_activation(name: str) -> Activation:
+    """The activation called ``name``; ``ValueError`` listing the known names otherwise."""
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(f"unknown activation {name!r}; supported: {', '.join(ACTIVATIONS)}") from None
