@@ -9,8 +9,9 @@ where ``m`` is the linear map's current output, ``a`` the activation auxiliary a
 the identity and ReLU (``c = 1``); any other activation gets a safeguarded 1-D solve: since
 ``f(z*) <= f(m)`` and ``f(z) >= alpha (z - m)^2``, the minimiser lies in ``[m - R, m + R]`` with
 ``R = sqrt(f(m) / alpha)``; a grid over that bracket finds the best basin (``f`` may be non-convex)
-and safeguarded Newton steps, confined to the winning grid cell and accepted only when ``f``
-decreases, polish it.
+together with the roots of ``c * phi(z) = a`` on each monotone branch of ``phi`` (where ``|c|`` is
+large that basin is narrower than any grid) gives starting points; safeguarded Newton steps, taken
+only where ``f`` decreases, polish each, and the best wins.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ __all__ = ["Activation", "ACTIVATIONS", "get_activation"]
 
 GRID_POINTS = 33
 NEWTON_STEPS = 12
+BISECTION_STEPS = 60
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,7 @@ class Activation:
     fn: Callable[[torch.Tensor], torch.Tensor]
     d1: Callable[[torch.Tensor], torch.Tensor]
     d2: Callable[[torch.Tensor], torch.Tensor]
+    valley: float | None = None  # argmin of phi for activations that dip below zero (SiLU, GELU)
 
     def __call__(self, z: torch.Tensor) -> torch.Tensor:
         return self.fn(z)
@@ -81,29 +84,68 @@ class Activation:
         self, m: torch.Tensor, a: torch.Tensor, alpha: float, gamma: float, scale: torch.Tensor | None
     ) -> torch.Tensor:
         c = torch.ones_like(m) if scale is None else scale
-        radius = torch.sqrt(self.objective(m, m, a, alpha, gamma, scale) / alpha)
-        offsets = torch.linspace(-1.0, 1.0, GRID_POINTS, dtype=m.dtype, device=m.device)
-        best, best_f = m.clone(), self.objective(m, m, a, alpha, gamma, scale)
-        for offset in offsets.tolist():
+        f_m = self.objective(m, m, a, alpha, gamma, scale)
+        radius = torch.sqrt(f_m / alpha)
+        best, best_f = m.clone(), f_m
+        for offset in torch.linspace(-1.0, 1.0, GRID_POINTS).tolist():
             z = m + offset * radius
             f = self.objective(z, m, a, alpha, gamma, scale)
             better = f < best_f
             best, best_f = torch.where(better, z, best), torch.where(better, f, best_f)
-        cell = 2.0 * radius / (GRID_POINTS - 1)
-        lower, upper = best - cell, best + cell
+        # Where |c| is large the basin around c * phi(z) = a is narrower than the grid: add the
+        # roots on each monotone branch of phi as starting points, then polish every start.
+        level = torch.where(c != 0, a / torch.where(c != 0, c, torch.ones_like(c)), torch.zeros_like(a))
+        starts = [best, m, *self._branch_roots(level)]
+        for start in starts:
+            z = self._newton(start, m, a, c, alpha, gamma, scale)
+            f = self.objective(z, m, a, alpha, gamma, scale)
+            better = f < best_f
+            best, best_f = torch.where(better, z, best), torch.where(better, f, best_f)
+        return best
+
+    def _newton(
+        self, z: torch.Tensor, m: torch.Tensor, a: torch.Tensor, c: torch.Tensor, alpha: float, gamma: float,
+        scale: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Newton steps on ``f``; a step is taken only where it lowers ``f`` (else halved, up to 8 times)."""
+        f_z = self.objective(z, m, a, alpha, gamma, scale)
         for _ in range(NEWTON_STEPS):
-            phi, d1, d2 = self.fn(best), self.d1(best), self.d2(best)
+            phi, d1, d2 = self.fn(z), self.d1(z), self.d2(z)
             residual = a - c * phi
-            grad = 2 * alpha * (best - m) - 2 * gamma * c * residual * d1
+            grad = 2 * alpha * (z - m) - 2 * gamma * c * residual * d1
             hess = 2 * alpha + 2 * gamma * c * c * d1 * d1 - 2 * gamma * c * residual * d2
             step = torch.where(hess > 0, -grad / hess.clamp_min(1e-300), -grad / (2 * alpha))
-            for _ in range(4):
-                trial = torch.minimum(torch.maximum(best + step, lower), upper)
+            for _ in range(8):
+                trial = z + step
                 f = self.objective(trial, m, a, alpha, gamma, scale)
-                better = f < best_f
-                best, best_f = torch.where(better, trial, best), torch.where(better, f, best_f)
+                better = f < f_z
+                z, f_z = torch.where(better, trial, z), torch.where(better, f, f_z)
                 step = torch.where(better, torch.zeros_like(step), step / 2)
-        return best
+        return z
+
+    def _branch_roots(self, level: torch.Tensor) -> list[torch.Tensor]:
+        """Points where ``phi(z) = level`` on each monotone branch (the nearest end where none exists).
+
+        Increasing activations have one branch; SiLU and GELU also a decreasing one left of their
+        minimum at ``valley``.
+        """
+        width = 20.0 + level.abs()
+        pivot = torch.full_like(level, self.valley if self.valley is not None else 0.0)
+        lo = pivot if self.valley is not None else pivot - width
+        roots = [_bisect(self.fn, level, lo, pivot + width, increasing=True)]
+        if self.valley is not None:
+            roots.append(_bisect(self.fn, level, pivot - width, pivot, increasing=False))
+        return roots
+
+
+def _bisect(fn: Callable[[torch.Tensor], torch.Tensor], level: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+            increasing: bool) -> torch.Tensor:
+    """Elementwise bisection for ``fn(z) = level`` on ``[lo, hi]`` where ``fn`` is monotone."""
+    for _ in range(BISECTION_STEPS):
+        mid = 0.5 * (lo + hi)
+        above = (fn(mid) > level) if increasing else (fn(mid) < level)
+        lo, hi = torch.where(above, lo, mid), torch.where(above, mid, hi)
+    return 0.5 * (lo + hi)
 
 
 def _sigmoid_parts(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,9 +195,9 @@ def _silu_d2(z: torch.Tensor) -> torch.Tensor:
 ACTIVATIONS: dict[str, Activation] = {
     "identity": Activation("identity", lambda z: z, torch.ones_like, torch.zeros_like),
     "relu": Activation("relu", torch.relu, lambda z: (z > 0).to(z.dtype), torch.zeros_like),
-    "silu": Activation("silu", F.silu, _silu_d1, _silu_d2),
-    "gelu": Activation("gelu", F.gelu, _gelu_d1, _gelu_d2),
-    "gelu_tanh": Activation("gelu_tanh", _tanh_gelu, *_autograd_derivatives(_tanh_gelu)),
+    "silu": Activation("silu", F.silu, _silu_d1, _silu_d2, valley=-1.2784645427610738),
+    "gelu": Activation("gelu", F.gelu, _gelu_d1, _gelu_d2, valley=-0.7517915246935645),
+    "gelu_tanh": Activation("gelu_tanh", _tanh_gelu, *_autograd_derivatives(_tanh_gelu), valley=-0.7524614220710161),
     "tanh": Activation("tanh", torch.tanh, lambda z: 1 - torch.tanh(z) ** 2,
                        lambda z: -2 * torch.tanh(z) * (1 - torch.tanh(z) ** 2)),
     "sigmoid": Activation("sigmoid", torch.sigmoid, lambda z: _sigmoid_parts(z)[1],

@@ -43,7 +43,7 @@ from sparsesolve.sequential import ChainSolve, layerwise, sequential_pass
 from sparsesolve.solvers import LayerSolution, get_solver, refit
 from sparsesolve.streaming import accumulate, gram, map_tokens, token_chunks
 
-__all__ = ["ChainResult", "sparsellm", "prune_chain"]
+__all__ = ["ChainResult", "CoordinatorState", "sparsellm", "prune_chain"]
 
 
 @dataclass
@@ -82,7 +82,7 @@ def _squared_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(((a - b) ** 2).sum())
 
 
-class _Coordinator:
+class CoordinatorState:
     """The state of one SparseLLM run: inputs, dense output, auxiliaries and current weights."""
 
     def __init__(self, chain: Chain, inputs: torch.Tensor, dtype: torch.dtype, storage: torch.dtype,
@@ -211,7 +211,7 @@ def sparsellm(
     storage = storage_dtype or inputs.dtype
     options = dict(solver_options or {})
     method = get_solver(solver)
-    state = _Coordinator(chain, inputs, dtype, storage, chunk_size, alpha, beta, gamma)
+    state = CoordinatorState(chain, inputs, dtype, storage, chunk_size, alpha, beta, gamma)
     reference = float((state.target**2).sum())
 
     start = layerwise(chain, inputs, pattern, solver, solver_options=options, dtype=dtype,
@@ -256,7 +256,7 @@ def sparsellm(
                        time.perf_counter() - started)
 
 
-def _consistent_candidate(state: _Coordinator, masks: list[list[torch.Tensor]], options: dict[str, Any]) -> ChainSolve:
+def _consistent_candidate(state: CoordinatorState, masks: list[list[torch.Tensor]], options: dict[str, Any]) -> ChainSolve:
     """Refit every linear on its mask with the true pruned activations as input, the coordinator's
     auxiliary (or ``Y``) as target."""
 
