@@ -26,7 +26,7 @@ test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 
 demo: install
-	$(PY) -m sparsesolve.examples.mlp_demo
+	$(PY) -m sparsesolve.demo
 
 bench: install
 	$(PY) -m benchmarks.bench_solvers

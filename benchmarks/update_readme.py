@@ -1,0 +1,70 @@
+"""Regenerate the README's result tables from ``benchmarks/results/*.json`` (never edit them by hand).
+
+    python -m benchmarks.update_readme
+
+Each table lives between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->`` markers in README.md.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from benchmarks.common import RESULTS
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def _source(meta: dict) -> str:
+    m = meta["machine"]
+    return (f"\n_Source: `{meta['command']}` at commit `{meta['commit'][:12]}`, {meta['date']}; "
+            f"{m['cpus']} CPUs, {m['torch_threads']} torch threads, torch {meta['versions']['torch']}._\n")
+
+
+def optimality_gap_table() -> str:
+    """Median / 90th percentile / max gap and share of problems solved to optimality, per solver."""
+    data = json.loads((RESULTS / "optimality_gap.json").read_text())
+    lines = ["| pattern | solver | median gap | p90 gap | max gap | within 0.1 % of optimum |",
+             "|---|---|---:|---:|---:|---:|"]
+    for r in data["rows"]:
+        lines.append(f"| {r['pattern']} | {r['solver']} | {r['median']:.3f} | {r['p90']:.3f} | {r['max']:.3f} | "
+                     f"{r['optimal_fraction']:.0%} |")
+    return "\n".join(lines) + "\n" + _source(data["meta"])
+
+
+def solver_table() -> str:
+    """Seconds and relative error per layer shape, pattern and solver."""
+    data = json.loads((RESULTS / "bench_solvers.json").read_text())
+    solvers = list(dict.fromkeys(r["solver"] for r in data["rows"]))
+    lines = ["| shape (out x in) | pattern | " + " | ".join(solvers) + " |", "|---|---|" + "---:|" * len(solvers)]
+    keys = list(dict.fromkeys((tuple(r["shape"]), r["pattern"]) for r in data["rows"]))
+    for shape, pattern in keys:
+        cells = {r["solver"]: r for r in data["rows"] if tuple(r["shape"]) == shape and r["pattern"] == pattern}
+        row = [f"{cells[s]['relative_error']:.4f} ({cells[s]['seconds']:.2f} s)" if s in cells else "" for s in solvers]
+        lines.append(f"| {shape[0]} x {shape[1]} | {pattern} | " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n" + _source(data["meta"])
+
+
+TABLES = {"optimality-gap": optimality_gap_table, "solvers": solver_table}
+
+
+def main() -> None:
+    """Replace every marked block whose JSON exists."""
+    text = README.read_text()
+    for name, build in TABLES.items():
+        try:
+            table = build()
+        except FileNotFoundError:
+            print(f"skipped {name}: no results yet")
+            continue
+        pattern = re.compile(rf"(<!-- {name}:begin -->\n).*?(<!-- {name}:end -->)", re.S)
+        if not pattern.search(text):
+            raise SystemExit(f"README.md has no <!-- {name}:begin/end --> markers")
+        text = pattern.sub(lambda m: m.group(1) + table + m.group(2), text)
+    README.write_text(text)
+    print(f"updated {README}")
+
+
+if __name__ == "__main__":
+    main()
