@@ -49,7 +49,7 @@ def main() -> None:
                          "optimal_fraction": float((v < 1e-3).mean()), "problems": len(v)})
             print(f"{pattern!s:>5} {name:<10} median {rows[-1]['median']:.3f} p90 {rows[-1]['p90']:.3f} "
                   f"max {rows[-1]['max']:.3f} within 0.1% of optimum {rows[-1]['optimal_fraction']:.0%}")
-    path = write_json("optimality_gap", {"meta": metadata(0), "rows": rows})
+    path = write_json("optimality_gap", {"meta": metadata("benchmarks.bench_optimality_gap", 0), "rows": rows})
     print(f"wrote {path}")
 
 

@@ -26,13 +26,13 @@ def git_commit() -> str:
         return "unknown"
 
 
-def metadata(seed: int) -> dict[str, Any]:
-    """Command, commit, machine, thread count, library versions, seed and date of a run."""
+def metadata(module: str, seed: int) -> dict[str, Any]:
+    """Command (``python -m MODULE ARGS``), commit, machine, threads, library versions, seed and date."""
     import numpy
     import scipy
 
     return {
-        "command": " ".join([Path(sys.executable).name, "-m", *sys.argv]),
+        "command": " ".join(["python", "-m", module, *sys.argv[1:]]),
         "commit": git_commit(),
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()},

@@ -34,8 +34,11 @@ def optimality_gap_table() -> str:
 
 
 def solver_table() -> str:
-    """Seconds and relative error per layer shape, pattern and solver."""
-    data = json.loads((RESULTS / "bench_solvers.json").read_text())
+    """Seconds and relative error per layer shape, pattern and solver (every ``bench_solvers*.json``)."""
+    runs = [json.loads(path.read_text()) for path in sorted(RESULTS.glob("bench_solvers*.json"))]
+    if not runs:
+        raise FileNotFoundError("bench_solvers*.json")
+    data = {"rows": [r for run in runs for r in run["rows"]]}
     solvers = list(dict.fromkeys(r["solver"] for r in data["rows"]))
     lines = ["| shape (out x in) | pattern | " + " | ".join(solvers) + " |", "|---|---|" + "---:|" * len(solvers)]
     keys = list(dict.fromkeys((tuple(r["shape"]), r["pattern"]) for r in data["rows"]))
@@ -43,10 +46,22 @@ def solver_table() -> str:
         cells = {r["solver"]: r for r in data["rows"] if tuple(r["shape"]) == shape and r["pattern"] == pattern}
         row = [f"{cells[s]['relative_error']:.4f} ({cells[s]['seconds']:.2f} s)" if s in cells else "" for s in solvers]
         lines.append(f"| {shape[0]} x {shape[1]} | {pattern} | " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n" + "".join(_source(run["meta"]) for run in runs)
+
+
+def mlp_table() -> str:
+    """Relative output error (calibration / held-out) per model, method and pattern."""
+    data = json.loads((RESULTS / "mlp_methods.json").read_text())
+    patterns = list(dict.fromkeys(r["pattern"] for r in data["rows"]))
+    lines = ["| model | method | " + " | ".join(patterns) + " | time |", "|---|---|" + "---:|" * (len(patterns) + 1)]
+    for model, method in dict.fromkeys((r["model"], r["method"]) for r in data["rows"]):
+        mine = [r for r in data["rows"] if r["model"] == model and r["method"] == method]
+        cells = [f"{r['calibration_error']:.4f} / {r['held_out_error']:.4f}" for r in mine]
+        lines.append(f"| {model} | {method} | " + " | ".join(cells) + f" | {sum(r['seconds'] for r in mine):.1f} s |")
     return "\n".join(lines) + "\n" + _source(data["meta"])
 
 
-TABLES = {"optimality-gap": optimality_gap_table, "solvers": solver_table}
+TABLES = {"optimality-gap": optimality_gap_table, "solvers": solver_table, "mlp": mlp_table}
 
 
 def main() -> None:
