@@ -13,20 +13,11 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
-import torch
 
 from benchmarks.common import metadata, write_json
 from sparsesolve.patterns import NM, Unstructured
-from sparsesolve.reference import brute_force
+from sparsesolve.reference import brute_force, random_problem
 from sparsesolve.solvers import SOLVERS, reconstruction_error
-
-
-def problem(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(W, H)`` for seed: W 4 x 8, H = X^T X with X 32 x 8 correlated Gaussian (float64)."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(32, 8, generator=g, dtype=torch.float64)
-    x = x @ (torch.eye(8, dtype=torch.float64) + 0.6 * torch.randn(8, 8, generator=g, dtype=torch.float64))
-    return torch.randn(4, 8, generator=g, dtype=torch.float64), x.T @ x
 
 
 def main() -> None:
@@ -38,7 +29,7 @@ def main() -> None:
     for pattern in (Unstructured(0.5), NM(2, 4), Unstructured(0.75)):
         gaps: dict[str, list[float]] = {name: [] for name in SOLVERS}
         for seed in range(args.seeds):
-            weight, gram = problem(seed)
+            weight, gram = random_problem(seed)
             optimum = brute_force(weight, gram, pattern)[2]
             for name, solver in SOLVERS.items():
                 gaps[name].append(reconstruction_error(solver(weight, gram, pattern).weight, weight, gram) / optimum - 1)

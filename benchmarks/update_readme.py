@@ -38,12 +38,11 @@ def solver_table() -> str:
     runs = [json.loads(path.read_text()) for path in sorted(RESULTS.glob("bench_solvers*.json"))]
     if not runs:
         raise FileNotFoundError("bench_solvers*.json")
-    data = {"rows": [r for run in runs for r in run["rows"]]}
-    solvers = list(dict.fromkeys(r["solver"] for r in data["rows"]))
+    rows = [r for run in runs for r in run["rows"]]
+    solvers = list(dict.fromkeys(r["solver"] for r in rows))
     lines = ["| shape (out x in) | pattern | " + " | ".join(solvers) + " |", "|---|---|" + "---:|" * len(solvers)]
-    keys = list(dict.fromkeys((tuple(r["shape"]), r["pattern"]) for r in data["rows"]))
-    for shape, pattern in keys:
-        cells = {r["solver"]: r for r in data["rows"] if tuple(r["shape"]) == shape and r["pattern"] == pattern}
+    for shape, pattern in dict.fromkeys((tuple(r["shape"]), r["pattern"]) for r in rows):
+        cells = {r["solver"]: r for r in rows if tuple(r["shape"]) == shape and r["pattern"] == pattern}
         row = [f"{cells[s]['relative_error']:.4f} ({cells[s]['seconds']:.2f} s)" if s in cells else "" for s in solvers]
         lines.append(f"| {shape[0]} x {shape[1]} | {pattern} | " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n" + "".join(_source(run["meta"]) for run in runs)

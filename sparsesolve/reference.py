@@ -16,6 +16,15 @@ from sparsesolve.patterns import NM, Pattern, Unstructured, round_half_up
 MAX_INPUTS = 12
 
 
+def random_problem(seed: int, rows: int = 4, inputs: int = 8, tokens: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """A seeded tiny problem ``(W*, H)`` in float64: Gaussian ``W*`` (rows x inputs) and ``H = X^T X``
+    with ``X`` (tokens x inputs) correlated Gaussian, ``Z (I + 0.6 G)``."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, inputs, generator=g, dtype=torch.float64)
+    x = x @ (torch.eye(inputs, dtype=torch.float64) + 0.6 * torch.randn(inputs, inputs, generator=g, dtype=torch.float64))
+    return torch.randn(rows, inputs, generator=g, dtype=torch.float64), x.T @ x
+
+
 def _kept_sets(pattern: Pattern, n: int) -> list[tuple[int, ...]]:
     if isinstance(pattern, NM):
         groups = [itertools.combinations(range(g, g + pattern.m), pattern.m - pattern.n) for g in range(0, n, pattern.m)]
