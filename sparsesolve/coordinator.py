@@ -107,7 +107,7 @@ class CoordinatorState:
         self.input_gram = gram(inputs, chunk_size, dtype)
 
     def _map(self, fn: Any, width: int, dtype: torch.dtype | None = None) -> torch.Tensor:
-        out = torch.empty(self.n, width, dtype=dtype or self.storage)
+        out = torch.empty(self.n, width, dtype=dtype or self.storage, device=self.inputs.device)
         return map_tokens(self.n, self.chunk, fn, out)
 
     def stage_input(self, l: int) -> torch.Tensor:
@@ -129,7 +129,7 @@ class CoordinatorState:
     def objective(self, weights: list[list[torch.Tensor]]) -> float:
         """The penalised objective ``F`` (module docstring) at the current auxiliaries and ``weights``."""
         def part(c: slice) -> torch.Tensor:
-            total = torch.zeros((), dtype=self.dtype)
+            total = torch.zeros((), dtype=self.dtype, device=self.inputs.device)
             for l, stage in enumerate(self.chain.stages):
                 x = self.stage_input(l)[c].to(self.dtype)
                 targets = [t[c].to(self.dtype) for t in self.stage_targets(l)]
@@ -147,7 +147,7 @@ class CoordinatorState:
         nxt = self.chain.stages[l + 1]
         w = self.beta if l + 1 == self.last else self.alpha
         ws = weights[l + 1]
-        system = w * sum(m.T @ m for m in ws) + self.gamma * torch.eye(ws[0].shape[1], dtype=self.dtype)
+        system = w * sum(m.T @ m for m in ws) + self.gamma * torch.eye(ws[0].shape[1], dtype=self.dtype, device=ws[0].device)
         chol = damped_cholesky(system, 0.0)
         stage, targets = self.chain.stages[l], self.stage_targets(l + 1)
 

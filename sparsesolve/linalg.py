@@ -49,16 +49,18 @@ def compute_dtype_for(tensor: torch.Tensor, requested: torch.dtype | None = None
     return torch.float64 if tensor.dtype == torch.float64 else torch.float32
 
 
-def damped_cholesky(gram: torch.Tensor, damp: float) -> DampedCholesky:
+def damped_cholesky(gram: torch.Tensor, damp: float, *, check: bool = True) -> DampedCholesky:
     """Factor ``gram + lam I`` with ``lam = damp * mean(diag gram)``, escalating ``lam`` x10 on failure.
 
     ``gram`` is ``(..., n, n)`` symmetric positive semi-definite; each matrix of a batch escalates on
     its own. A zero mean diagonal (all inputs dead) uses a unit scale. Raises ``ValueError`` for
-    non-finite input and ``torch.linalg.LinAlgError`` if even the largest damping fails.
+    non-finite input (unless ``check=False``: the caller built ``gram`` from checked data) and
+    ``torch.linalg.LinAlgError`` if even the largest damping fails.
     """
     if damp < 0:
         raise ValueError(f"damp must be >= 0, got {damp}")
-    check_finite("Gram matrix", gram)
+    if check:
+        check_finite("Gram matrix", gram)
     n = gram.shape[-1]
     eye = torch.eye(n, dtype=gram.dtype, device=gram.device)
     scale = torch.diagonal(gram, dim1=-2, dim2=-1).mean(dim=-1)
@@ -67,7 +69,7 @@ def damped_cholesky(gram: torch.Tensor, damp: float) -> DampedCholesky:
     # The first escalation jumps to a ridge that factors any PSD matrix in practice.
     floor = scale * (1e-10 if gram.dtype == torch.float64 else 1e-6)
     escalations = 0
-    factor, info = torch.linalg.cholesky_ex(gram + lam[..., None, None] * eye)
+    factor, info = torch.linalg.cholesky_ex(gram + lam[..., None, None] * eye if damp > 0 else gram)
     while bool((info > 0).any()):
         if escalations >= MAX_ESCALATIONS:
             raise torch.linalg.LinAlgError(

@@ -63,7 +63,7 @@ def sequential_pass(
             return pres[0] if stage is chain.stages[-1] else stage.activate(pres)
 
         width = stage_weights[0].shape[0]
-        out = torch.empty(n_tokens, width, dtype=dtype if last else storage_dtype)
+        out = torch.empty(n_tokens, width, dtype=dtype if last else storage_dtype, device=inputs.device)
         acts = map_tokens(n_tokens, chunk_size, forward, out)
     return ChainSolve(weights, solutions, acts)
 

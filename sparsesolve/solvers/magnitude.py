@@ -23,7 +23,7 @@ def magnitude(
     ``None`` means ``H = I``, so the error is ``||W - W*||_F^2``.
     """
     if gram is None:
-        gram = torch.eye(weight.shape[-1], dtype=weight.dtype)
+        gram = torch.eye(weight.shape[-1], dtype=weight.dtype, device=weight.device)
     problem = LayerProblem.build(weight, gram, target=target, damp=damp, compute_dtype=compute_dtype)
     mask = pattern.project(problem.w_star.abs())
     return problem.solution(problem.w_star, mask)

@@ -92,7 +92,7 @@ class LayerProblem:
     @property
     def damped_gram(self) -> torch.Tensor:
         """``H + lam I`` as factored (the matrix the damped solvers actually minimise with)."""
-        return self.gram + self.cholesky.lam * torch.eye(self.gram.shape[0], dtype=self.gram.dtype)
+        return self.gram + self.cholesky.lam * torch.eye(self.gram.shape[0], dtype=self.gram.dtype, device=self.gram.device)
 
     def solution(
         self, weight: torch.Tensor, mask: torch.Tensor, iterations: int = 1, escalations: int = 0, **info: Any
@@ -101,7 +101,7 @@ class LayerProblem:
 
         ``escalations`` counts damping escalations of factorisations beyond the problem's own.
         """
-        weight = torch.where(mask, weight, torch.zeros((), dtype=weight.dtype))
+        weight = torch.where(mask, weight, torch.zeros((), dtype=weight.dtype, device=weight.device))
         if not bool(torch.isfinite(weight).all()):
             raise FloatingPointError("solver produced NaN or Inf weights; raise damp or use float64")
         return LayerSolution(

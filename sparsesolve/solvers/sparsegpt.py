@@ -64,7 +64,7 @@ def sparsegpt(
                 group = slice(j, j + pattern.m)
                 block_mask[:, group] = keep_largest(block[:, group] ** 2 / diag[group] ** 2, pattern.n, dim=1)
             column = block[:, j]
-            kept = torch.where(block_mask[:, j], column, torch.zeros((), dtype=column.dtype))
+            kept = torch.where(block_mask[:, j], column, torch.zeros((), dtype=column.dtype, device=column.device))
             err = (column - kept) / diag[j]
             block[:, j:] -= err[:, None] * block_upper[j, j:][None, :]
             block[:, j] = kept

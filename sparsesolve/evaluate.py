@@ -1,0 +1,73 @@
+"""The perplexity protocol of the SparseGPT / SparseLLM papers.
+
+The test split is joined with blank lines, tokenised once and cut into non-overlapping windows of
+``seq_len`` tokens; each window is scored on its own (no context carried across windows) and the
+perplexity is ``exp`` of the mean negative log-likelihood over every predicted token
+(``seq_len - 1`` per window; the windows are equal, so this equals the papers' mean of window means).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from sparsesolve.data import eval_windows, load_text, tokenize
+from sparsesolve.models import context_length
+
+__all__ = ["perplexity", "check_seq_len"]
+
+
+def check_seq_len(model: PreTrainedModel, seq_len: int) -> None:
+    """Raise a one-line error when ``seq_len`` exceeds the model's context."""
+    limit = context_length(model)
+    if limit is not None and seq_len > limit:
+        raise ValueError(f"seq_len {seq_len} is longer than the model's context ({limit} tokens); use seq_len <= {limit}")
+
+
+def _model_device(model: PreTrainedModel) -> torch.device:
+    return next(model.parameters()).device
+
+
+def perplexity(
+    model: PreTrainedModel,
+    corpus: str | torch.Tensor,
+    seq_len: int = 512,
+    max_windows: int | None = None,
+    *,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    split: str = "test",
+    batch_size: int = 4,
+    progress: bool = True,
+) -> float:
+    """Perplexity of ``model`` on ``corpus`` (a corpus name from ``sparsesolve.data.CORPORA``, scored on
+    ``split``, or a 1-D tensor of token ids) over the first ``max_windows`` windows of ``seq_len``.
+
+    A corpus name needs ``tokenizer``. Returns ``inf`` when the mean loss overflows; raises if the
+    model produces non-finite logits (a NaN never comes back as a number).
+    """
+    check_seq_len(model, seq_len)
+    if isinstance(corpus, str):
+        if tokenizer is None:
+            raise ValueError("perplexity on a named corpus needs tokenizer=")
+        tokens = tokenize(tokenizer, load_text(corpus, split))
+    else:
+        tokens = corpus.reshape(-1)
+    windows = eval_windows(tokens, seq_len, max_windows)
+    device = _model_device(model)
+    total, count = 0.0, 0
+    batches = range(0, windows.shape[0], batch_size)
+    with torch.inference_mode():
+        for start in tqdm(batches, desc="perplexity", unit="batch", disable=not progress, leave=False):
+            ids = windows[start : start + batch_size].to(device)
+            logits = model(input_ids=ids, use_cache=False).logits.float()
+            if not torch.isfinite(logits).all():
+                raise FloatingPointError("the model produced non-finite logits; the weights are broken")
+            nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
+            total += float(nll.double())
+            count += ids[:, 1:].numel()
+    mean = total / count
+    return math.exp(mean) if mean < 700 else math.inf

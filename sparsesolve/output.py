@@ -1,0 +1,87 @@
+"""The output folder of a pruning run, written atomically.
+
+Everything is written into ``DIR.partial`` (next to ``DIR``) and renamed to ``DIR`` only when the run
+has finished, so ``DIR`` is either absent or complete. ``DIR.partial`` also holds the per-layer
+checkpoints of a run in progress, which ``--resume`` continues. An existing ``DIR`` is replaced only
+with ``overwrite=True``.
+
+A finished folder is a plain transformers model folder (pruned weights with zeros in place, config,
+tokenizer) plus ``masks.safetensors`` (boolean keep-masks ``(out, in)`` by module name) and
+``report.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+__all__ = ["OutputFolder"]
+
+
+class OutputFolder:
+    """Staging, checkpoints and the final atomic rename of one run's output folder."""
+
+    def __init__(self, path: str | Path, *, overwrite: bool = False, resume: bool = False) -> None:
+        self.path = Path(path)
+        self.staging = self.path.with_name(self.path.name + ".partial")
+        self.overwrite, self.resume = overwrite, resume
+
+    @property
+    def checkpoints(self) -> Path:
+        """Where the per-layer checkpoints live while the run is in progress."""
+        return self.staging / "checkpoints"
+
+    def check(self) -> None:
+        """Refuse to clobber anything before any work starts (one-line ``ValueError``s)."""
+        if self.path.exists() and not self.path.is_dir():
+            raise ValueError(f"{self.path} exists and is not a folder; choose another --out")
+        if self.path.exists() and not self.overwrite:
+            raise ValueError(f"{self.path} already exists; pass --overwrite to replace it or choose another --out")
+        if self.staging.exists() and not (self.resume or self.overwrite):
+            raise ValueError(f"{self.staging} holds an interrupted run; pass --resume to continue it "
+                             "or --overwrite to start again")
+
+    def begin(self) -> bool:
+        """Create (or, resuming, reuse) the staging folder; True when an earlier run is resumed."""
+        self.check()
+        if self.staging.exists() and self.resume:
+            return True
+        shutil.rmtree(self.staging, ignore_errors=True)
+        self.staging.mkdir(parents=True)
+        return False
+
+    def read_json(self, name: str) -> dict[str, Any] | None:
+        """A JSON file saved in the staging folder by this run (or the run it resumes)."""
+        path = self.staging / name
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def write_json(self, name: str, value: dict[str, Any]) -> None:
+        """Write ``value`` as ``name`` in the staging folder (atomically)."""
+        partial = self.staging / (name + ".tmp")
+        partial.write_text(json.dumps(value, indent=2) + "\n")
+        os.replace(partial, self.staging / name)
+
+    def commit(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None,
+               masks: dict[str, torch.Tensor], report: dict[str, Any]) -> Path:
+        """Save model, tokenizer, masks and report, drop the checkpoints, and rename into place."""
+        model.save_pretrained(self.staging)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(self.staging)
+        save_file({name: mask.contiguous().cpu() for name, mask in masks.items()}, str(self.staging / "masks.safetensors"))
+        self.write_json("report.json", report)
+        shutil.rmtree(self.checkpoints, ignore_errors=True)
+        (self.staging / "dense.json").unlink(missing_ok=True)
+        old = self.path.with_name(self.path.name + ".old")
+        if self.path.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(self.path, old)
+        os.replace(self.staging, self.path)
+        shutil.rmtree(old, ignore_errors=True)
+        return self.path

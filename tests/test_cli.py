@@ -1,0 +1,133 @@
+"""The command line: a full run on a tiny model, one-line errors, and resume after a real kill."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny_lm import save_tiny, tiny_tokenizer
+from transformers import AutoModelForCausalLM
+
+from sparsesolve.cli import main
+from sparsesolve.data import load_text
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 6-layer tiny Llama with a BPE tokenizer trained on the wiki corpus, saved as a model folder."""
+    tokenizer = tiny_tokenizer(load_text("wiki", "train")[:100_000])
+    return save_tiny(tmp_path_factory.mktemp("model") / "tiny-llama", "llama", tokenizer, layers=6, ffn=256)
+
+
+def prune_args(model: Path, out: Path, *extra: str) -> list[str]:
+    return ["prune", "--model", str(model), "--out", str(out), "--nsamples", "8", "--seq-len", "64",
+            "--calib", "ptb", "--quiet", *extra]
+
+
+def test_prune_writes_a_complete_reloadable_folder(tiny_folder: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "pruned"
+    args = prune_args(tiny_folder, out, "--method", "sparsegpt", "--pattern", "2:4", "--data", "ptb", "--eval-windows", "4")
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "perplexity ptb: dense" in printed and "sparsity 0.5000" in printed
+    report = json.loads((out / "report.json").read_text())
+    assert report["pattern"] == "2:4" and report["sparsity"] == 0.5 and report["layers"] == list(range(6))
+    assert set(report["perplexity"]["pruned"]) == {"ptb"} and report["perplexity"]["pruned"]["ptb"] > 1
+    assert report["seconds"]["forward"] > 0 and report["peak_memory_mb"] > 0
+    assert not (tmp_path / "pruned.partial").exists() and not (out / "checkpoints").exists()
+    model = AutoModelForCausalLM.from_pretrained(out)
+    masks = load_file(str(out / "masks.safetensors"))
+    assert len(masks) == 6 * 7
+    for name, mask in masks.items():
+        weight = model.get_submodule(name).weight
+        assert bool((weight[~mask] == 0).all()) and int(mask.sum()) == mask.numel() // 2
+    # an existing folder is refused, then replaced with --overwrite
+    assert main(args) == 2
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    assert main([*args, "--overwrite", "--method", "magnitude"]) == 0
+    assert json.loads((out / "report.json").read_text())["method"] == "magnitude"
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--sparsity", "1.5"], "sparsity must be in [0, 1)"),
+    (["--sparsity", "-0.1"], "sparsity must be in [0, 1)"),
+    (["--pattern", "5:4"], "N:M"),
+    (["--pattern", "two:four"], "pattern"),
+    (["--pattern", "3:7"], "multiple of 7"),
+    (["--sparsity", "0.5", "--seq-len", "4096"], "longer than the model's context"),
+    (["--sparsity", "0.5", "--nsamples", "0"], "--nsamples must be >= 1"),
+    (["--sparsity", "0.5", "--layers", "9"], "must select layers in 0..5"),
+    (["--sparsity", "0.5", "--method", "wanda", "--iterations", "2"], "--iterations applies to --method sparsellm only"),
+])
+def test_bad_input_is_one_line_with_nothing_left_behind(tiny_folder: Path, tmp_path: Path, capsys, extra, message) -> None:
+    out = tmp_path / "out"
+    assert main(prune_args(tiny_folder, out, *extra)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sparsesolve: error:") and message in err and "\n" not in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["prune", "--model", "no-such-model", "--sparsity", "0.5", "--out", "X"], "cannot load model 'no-such-model'"),
+    (["prune", "--method", "obs", "--sparsity", "0.5", "--out", "X"], "invalid choice: 'obs'"),
+    (["prune", "--sparsity", "0.5"], "--out"),
+    (["eval", "--model", "M", "--data", "wikitext9"], "unknown corpus 'wikitext9'"),
+])
+def test_usage_errors_are_one_line(argv: list[str], message: str, capsys, monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)
+    try:
+        code = main(argv)
+    except SystemExit as stop:       # argparse's own usage errors
+        code = stop.code
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_eval_prints_perplexity(tiny_folder: Path, capsys) -> None:
+    assert main(["eval", "--model", str(tiny_folder), "--data", "ptb", "--seq-len", "64", "--eval-windows", "3", "--quiet"]) == 0
+    assert "perplexity ptb (3 windows of 64):" in capsys.readouterr().out
+
+
+def _run_cli(args: list[str], **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, "-m", "sparsesolve", *args], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
+
+
+def test_resume_after_a_kill_gives_the_same_weights(tiny_folder: Path, tmp_path: Path) -> None:
+    common = ["--method", "sparsellm", "--sparsity", "0.7", "--iterations", "6", "--data", "none", "--threads", "1"]
+    straight = _run_cli(prune_args(tiny_folder, tmp_path / "straight", *common))
+    killed = tmp_path / "killed"
+    victim = _run_cli(prune_args(tiny_folder, killed, *common))
+    checkpoints = tmp_path / "killed.partial" / "checkpoints"
+    deadline = time.monotonic() + 300
+    while not list(checkpoints.glob("layer_0001.pt")) and victim.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    done = sorted(p.name for p in checkpoints.glob("layer_*.pt"))
+    assert 2 <= len(done) < 6, f"the kill should land part-way through the 6 layers, got {done}"
+    assert not killed.exists()
+    refused = _run_cli(prune_args(tiny_folder, killed, *common))
+    assert refused.wait() == 2 and b"pass --resume" in refused.stderr.read()
+    resumed = _run_cli(prune_args(tiny_folder, killed, *common, "--resume"))
+    assert resumed.wait() == 0, resumed.stderr.read().decode()
+    assert straight.wait() == 0, straight.stderr.read().decode()
+    report = json.loads((killed / "report.json").read_text())
+    assert report["resumed_layers"] == list(range(len(done)))
+    a, b = load_file(str(tmp_path / "straight" / "model.safetensors")), load_file(str(killed / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
