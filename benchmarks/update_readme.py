@@ -60,7 +60,29 @@ def mlp_table() -> str:
     return "\n".join(lines) + "\n" + _source(data["meta"])
 
 
-TABLES = {"optimality-gap": optimality_gap_table, "solvers": solver_table, "mlp": mlp_table}
+def lm_table() -> str:
+    """One row per recorded ``sparsesolve prune`` run (``results/lm_*.json``)."""
+    runs = [json.loads(path.read_text()) for path in sorted(RESULTS.glob("lm_*.json"))]
+    if not runs:
+        raise FileNotFoundError("lm_*.json")
+    lines = ["| model | method | pattern | layers | calibration | perplexity dense -> pruned | FFN error (median: start -> final) "
+             "| prune time (forward / solves) | peak memory |", "|---|---|---|---|---|---|---:|---:|---:|"]
+    for r in runs:
+        ppl = "; ".join(f"{k} {r['perplexity']['dense'][k]:.2f} -> {v:.2f}" for k, v in r["perplexity"]["pruned"].items())
+        ppl = f"{ppl} ({r['evaluation']['windows']} x {r['evaluation']['seq_len']})" if ppl else "not evaluated"
+        cal, sec = r["calibration"], r["seconds"]
+        ffn = r["ffn_relative_error"]
+        layers = r["layers"]
+        span = f"{layers[0]}-{layers[-1]} ({len(layers)})" if layers == list(range(layers[0], layers[-1] + 1)) else str(layers)
+        lines.append(f"| {r['model']} | {r['method']} | {r['pattern']} | {span} | {cal['windows']} x {cal['seq_len']} {cal['corpus']} "
+                     f"| {ppl} | {ffn['start_median']:.4f} -> {ffn['median']:.4f} "
+                     f"| {sec['prune']:.0f} s ({sec['forward']:.0f} / {sec['solve']:.0f}) | {r['peak_memory_mb']:.0f} MiB |")
+    sources = "".join(f"\n_Source: `{r['command']}` at commit `{r['commit'][:12]}`, {r['date']}; {r['machine']['cpus']} CPUs, "
+                      f"{r['machine']['torch_threads']} torch threads, torch {r['versions']['torch']}._\n" for r in runs)
+    return "\n".join(lines) + "\n" + sources
+
+
+TABLES = {"optimality-gap": optimality_gap_table, "solvers": solver_table, "mlp": mlp_table, "lm": lm_table}
 
 
 def main() -> None:

@@ -3,6 +3,9 @@
 from sparsesolve.api import METHODS, prune
 from sparsesolve.chain import Chain, GatedMLP
 from sparsesolve.coordinator import ChainResult, sparsellm
+from sparsesolve.decoder import PruneResult, prune_decoder
+from sparsesolve.evaluate import perplexity
+from sparsesolve.models import load_model
 from sparsesolve.patterns import NM, Pattern, Unstructured, parse_pattern
 from sparsesolve.solvers import SOLVERS, LayerSolution, admm, magnitude, refit, sparsegpt, wanda
 
@@ -17,11 +20,15 @@ __all__ = [
     "GatedMLP",
     "LayerSolution",
     "Pattern",
+    "PruneResult",
     "Unstructured",
     "admm",
     "magnitude",
+    "load_model",
     "parse_pattern",
+    "perplexity",
     "prune",
+    "prune_decoder",
     "refit",
     "sparsegpt",
     "sparsellm",

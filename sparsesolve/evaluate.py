@@ -63,11 +63,13 @@ def perplexity(
     with torch.inference_mode():
         for start in tqdm(batches, desc="perplexity", unit="batch", disable=not progress, leave=False):
             ids = windows[start : start + batch_size].to(device)
-            logits = model(input_ids=ids, use_cache=False).logits.float()
-            if not torch.isfinite(logits).all():
-                raise FloatingPointError("the model produced non-finite logits; the weights are broken")
-            nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
-            total += float(nll.double())
-            count += ids[:, 1:].numel()
+            logits = model(input_ids=ids, use_cache=False).logits
+            for row, window in zip(logits, ids):     # one window at a time bounds the float32 copies
+                row = row.float()
+                if not torch.isfinite(row).all():
+                    raise FloatingPointError("the model produced non-finite logits; the weights are broken")
+                total += float(F.cross_entropy(row[:-1], window[1:], reduction="sum").double())
+                count += window.numel() - 1
+            del logits
     mean = total / count
     return math.exp(mean) if mean < 700 else math.inf

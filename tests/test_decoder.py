@@ -162,3 +162,15 @@ def test_bad_models_and_inputs_raise_clear_errors() -> None:
 def test_sparsellm_warns_when_calibration_is_too_small_to_generalise() -> None:
     with pytest.warns(UserWarning, match="over-fit"):
         prune_decoder(tiny_model("llama"), calibration(2, 16), parse_pattern("0.5"), method="sparsellm", progress=False)
+
+
+@pytest.mark.parametrize("method", ["sparsegpt", "sparsellm"])
+def test_bfloat16_activation_storage_stays_close_to_float32(method: str) -> None:
+    windows = calibration(16, 32)
+    errors = {}
+    for storage in (torch.float32, torch.bfloat16):
+        model = tiny_model("llama")
+        result = prune_decoder(model, windows, parse_pattern("0.5"), method=method, storage_dtype=storage, progress=False)
+        assert result.sparsity == 0.5 and model.dtype == torch.float32
+        errors[storage] = result.layers[-1]["ffn"]["relative_error"]
+    assert errors[torch.bfloat16] == pytest.approx(errors[torch.float32], rel=0.2)
