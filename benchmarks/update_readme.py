@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 
 from benchmarks.common import RESULTS
+from benchmarks.plot_ppl import table as ppl_table
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -82,7 +83,8 @@ def lm_table() -> str:
     return "\n".join(lines) + "\n" + sources
 
 
-TABLES = {"optimality-gap": optimality_gap_table, "solvers": solver_table, "mlp": mlp_table, "lm": lm_table}
+TABLES = {"optimality-gap": optimality_gap_table, "solvers": solver_table, "mlp": mlp_table, "lm": lm_table,
+          "ppl-full": lambda: ppl_table("p1", "full"), "ppl-first-half": lambda: ppl_table("p1", "first-half")}
 
 
 def main() -> None:

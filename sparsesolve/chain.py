@@ -73,10 +73,12 @@ class DenseStage:
         return self.activation(pres[0])
 
     def prox(
-        self, maps: list[torch.Tensor], pres: list[torch.Tensor], act: torch.Tensor, alpha: float, gamma: float
+        self, maps: list[torch.Tensor], pres: list[torch.Tensor], act: torch.Tensor, alpha: float, gamma: float,
+        local: bool = False,
     ) -> list[torch.Tensor]:
-        """``z = argmin alpha ||z - m||^2 + gamma ||act - phi(z)||^2`` elementwise (``m = maps[0]``)."""
-        return [self.activation.prox(maps[0], act, alpha, gamma)]
+        """``z = argmin alpha ||z - m||^2 + gamma ||act - phi(z)||^2`` elementwise (``m = maps[0]``);
+        ``local``: the fast local update from the current ``z`` (``Activation.prox(start=...)``)."""
+        return [self.activation.prox(maps[0], act, alpha, gamma, start=pres[0] if local else None)]
 
 
 @dataclass
@@ -96,16 +98,18 @@ class GatedStage:
         return self.activation(pres[1]) * pres[0]
 
     def prox(
-        self, maps: list[torch.Tensor], pres: list[torch.Tensor], act: torch.Tensor, alpha: float, gamma: float
+        self, maps: list[torch.Tensor], pres: list[torch.Tensor], act: torch.Tensor, alpha: float, gamma: float,
+        local: bool = False,
     ) -> list[torch.Tensor]:
         """Exact block updates of ``alpha(||u - m_u||^2 + ||s - m_s||^2) + gamma ||act - phi(s) u||^2``.
 
         First ``u`` given the current ``s`` (closed form ``(alpha m_u + gamma sigma act) / (alpha +
-        gamma sigma^2)``, ``sigma = phi(s)``), then ``s`` given the new ``u`` (1-D solve per element).
+        gamma sigma^2)``, ``sigma = phi(s)``), then ``s`` given the new ``u`` (1-D solve per element;
+        ``local``: the fast local update from the current ``s``, never worse than it).
         """
         sigma = self.activation(pres[1])
         up = (alpha * maps[0] + gamma * sigma * act) / (alpha + gamma * sigma * sigma)
-        gate = self.activation.prox(maps[1], act, alpha, gamma, scale=up)
+        gate = self.activation.prox(maps[1], act, alpha, gamma, scale=up, start=pres[1] if local else None)
         return [up, gate]
 
 

@@ -163,14 +163,14 @@ class CoordinatorState:
         map_tokens(self.n, self.chunk, solve, self.acts[l])
         return chol.escalations
 
-    def update_preactivation(self, l: int, weights: list[list[torch.Tensor]]) -> None:
+    def update_preactivation(self, l: int, weights: list[list[torch.Tensor]], local: bool = False) -> None:
         """Elementwise proximal update of the pre-activations ``z_l`` given ``a_l`` (``stage.prox``)."""
         stage, x_all = self.chain.stages[l], self.stage_input(l)
         for c in token_chunks(self.n, self.chunk):
             x = x_all[c].to(self.dtype)
             maps = [apply_linear(x, w, lin) for lin, w in zip(stage.linears, weights[l])]
             pres = [p[c].to(self.dtype) for p in self.pres[l]]
-            new = stage.prox(maps, pres, self.acts[l][c].to(self.dtype), self.alpha, self.gamma)
+            new = stage.prox(maps, pres, self.acts[l][c].to(self.dtype), self.alpha, self.gamma, local=local)
             for store, value in zip(self.pres[l], new):
                 store[c] = value.to(self.storage)
 
@@ -190,6 +190,8 @@ def sparsellm(
     chunk_size: int | None = None,
     storage_dtype: torch.dtype | None = None,
     progress: bool = False,
+    trace: bool = True,
+    prox: str = "global",
 ) -> ChainResult:
     """Prune every linear of ``chain`` jointly (module docstring); weights are written into its modules.
 
@@ -203,7 +205,14 @@ def sparsellm(
     - ``solver_options``: passed to every masked solve and refit (e.g. ``damp``).
     - ``chunk_size``: tokens per chunk for every per-token computation (None = all at once).
     - ``storage_dtype``: dtype of the stored auxiliaries (default: the inputs' dtype).
+    - ``trace``: evaluate the penalised objective after every block update (``history[i]["objective_trace"]``);
+      each evaluation is a full pass over the tokens, so large runs switch it off.
+    - ``prox``: ``"global"`` (the exact elementwise minimiser, a bracketed global search) or ``"local"``
+      (safeguarded Newton from the current pre-activation and from the linear map's output: never worse
+      than the current value, several times cheaper; ReLU and identity are exact either way).
     """
+    if prox not in ("global", "local"):
+        raise ValueError(f"prox must be 'global' or 'local', got {prox!r}")
     if iterations < 0 or min(alpha, beta, gamma) <= 0:
         raise ValueError("sparsellm needs iterations >= 0 and positive penalties alpha, beta, gamma")
     started = time.perf_counter()
@@ -223,7 +232,12 @@ def sparsellm(
     history: list[dict[str, Any]] = []
     for iteration in tqdm(range(1, iterations + 1), desc="sparsellm", disable=not progress):
         tick = time.perf_counter()
-        trace: list[tuple[str, float]] = []
+        objective_trace: list[tuple[str, float]] = []
+
+        def record(block: str) -> None:
+            if trace:
+                objective_trace.append((block, state.objective(weights)))
+
         for l, stage in enumerate(chain.stages):
             acts = state.stage_input(l)
             h = state.input_gram if l == 0 else gram(acts, chunk_size, dtype)
@@ -234,16 +248,16 @@ def sparsellm(
                 else:
                     sol = refit(weights[l][j], h, masks[l][j], target=cross, compute_dtype=dtype, **options)
                 weights[l][j], masks[l][j] = sol.weight.to(dtype), sol.mask
-        trace.append(("weights", state.objective(weights)))
+        record("weights")
         escalations = 0
         for l in range(state.last - 1, -1, -1):
             escalations += state.update_activation(l, weights)
-            trace.append((f"activation {l}", state.objective(weights)))
-            state.update_preactivation(l, weights)
-            trace.append((f"preactivation {l}", state.objective(weights)))
+            record(f"activation {l}")
+            state.update_preactivation(l, weights, local=prox == "local")
+            record(f"preactivation {l}")
         candidate = _consistent_candidate(state, masks, options)
         error = _squared_error(candidate.output, state.target)
-        history.append({"iteration": iteration, "objective_trace": trace, "error": error,
+        history.append({"iteration": iteration, "objective_trace": objective_trace, "error": error,
                         "relative_error": error / reference if reference > 0 else 0.0,
                         "ridge_escalations": escalations, "seconds": time.perf_counter() - tick})
         if error < best_error:

@@ -184,7 +184,7 @@ class _LayerPruner:
         self.pattern, self.method, self.chunk, self.storage, self.dtype = pattern, method, chunk_size, storage, dtype
         self.attention_solver = get_solver(solver if method == "sparsellm" else method)
         self.solver_options = solver_options
-        self.chain_options = dict(sparsellm_options, solver=solver) if method == "sparsellm" else {}
+        self.chain_options = {"trace": False, "prox": "local", **sparsellm_options, "solver": solver} if method == "sparsellm" else {}
         self.forward_seconds = 0.0
 
     def _timed_feed(self, layer: nn.Module, module: nn.Module, inputs: _LayerInputs,

@@ -1,0 +1,157 @@
+"""Perplexity vs sparsity for every method and pattern (protocol P1 of ../shared/BENCHMARKS.md).
+
+    python -m benchmarks.ppl_vs_sparsity                          # the whole P1 grid, full-model scope
+    python -m benchmarks.ppl_vs_sparsity --scope first-half       # the SparseLLM paper's setting
+    python -m benchmarks.ppl_vs_sparsity --methods sparsegpt --patterns 0.7,2:4
+    python -m benchmarks.ppl_vs_sparsity --profile paper          # P2 (128 x 2048, full test split): a GPU
+
+One JSON per run in ``benchmarks/results/ppl/`` (``PROFILE_SCOPE_METHOD_PATTERN.json``); runs whose JSON
+exists are skipped, so an interrupted grid continues where it stopped. Each run executes in its own
+process (``--one``), so its peak resident memory is its own and a crash does not end the grid. The
+dense perplexities are measured once per profile (``PROFILE_dense.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from benchmarks.common import RESULTS, metadata
+
+PPL = RESULTS / "ppl"
+METHODS = ("magnitude", "wanda", "sparsegpt", "admm", "sparsellm")
+PATTERNS = ("0.5", "0.6", "0.7", "0.8", "0.9", "2:4", "4:8", "3:4")
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Calibration and evaluation sizes of a protocol."""
+
+    nsamples: int
+    seq_len: int
+    eval_windows: int | None
+    corpora: tuple[str, ...] = ("wiki", "ptb")
+    calib: str = "wiki"
+
+
+PROFILES = {
+    "p1": Profile(64, 512, 64),
+    "paper": Profile(128, 2048, None),
+    "smoke": Profile(8, 128, 2),
+}
+
+
+def run_name(profile: str, scope: str, method: str, pattern: str) -> str:
+    """File stem of one run, e.g. ``p1_full_sparsegpt_2-4``."""
+    return f"{profile}_{scope}_{method}_{pattern.replace(':', '-').replace('%', '')}"
+
+
+def _tokens(tokenizer: Any, corpus: str, split: str) -> torch.Tensor:
+    from sparsesolve.data import load_text, tokenize
+
+    return tokenize(tokenizer, load_text(corpus, split))
+
+
+def _perplexities(model: Any, tokenizer: Any, profile: Profile) -> dict[str, float]:
+    from sparsesolve.evaluate import perplexity
+
+    return {c: perplexity(model, _tokens(tokenizer, c, "test"), profile.seq_len, profile.eval_windows, progress=False)
+            for c in profile.corpora}
+
+
+def dense(model_name: str, profile_name: str, out: Path) -> dict[str, Any]:
+    """Dense perplexities of ``model_name`` under a profile (measured once, then read from JSON)."""
+    from sparsesolve.models import load_model
+
+    path = out / f"{profile_name}_dense.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    model, tokenizer = load_model(model_name)
+    record = {"meta": metadata("benchmarks.ppl_vs_sparsity", 0), "model": model_name,
+              "perplexity": _perplexities(model, tokenizer, PROFILES[profile_name])}
+    _write(path, record)
+    return record
+
+
+def one(model_name: str, profile_name: str, scope: str, method: str, pattern: str, out: Path) -> None:
+    """Prune, evaluate and record one run (executed in its own process)."""
+    from sparsesolve.data import calibration_windows
+    from sparsesolve.decoder import prune_decoder
+    from sparsesolve.environment import peak_memory_mb
+    from sparsesolve.models import load_model
+    from sparsesolve.patterns import parse_pattern
+
+    profile = PROFILES[profile_name]
+    model, tokenizer = load_model(model_name)
+    windows = calibration_windows(_tokens(tokenizer, profile.calib, "train"), profile.nsamples, profile.seq_len, seed=0)
+    started = time.perf_counter()
+    result = prune_decoder(model, windows, parse_pattern(pattern), method=method,
+                           layers="first-half" if scope == "first-half" else None, progress=False)
+    prune_seconds = time.perf_counter() - started
+    peak_prune = peak_memory_mb()
+    try:
+        ppl: dict[str, float] | None = _perplexities(model, tokenizer, profile)
+        nonfinite = any(not math.isfinite(v) for v in ppl.values())
+    except FloatingPointError:
+        ppl, nonfinite = None, True
+    layer_sparsity: dict[str, float] = {}
+    for record in result.layers:
+        masks = [result.masks[name] for name in record["linears"]]
+        layer_sparsity[str(record["layer"])] = sum(int((~m).sum()) for m in masks) / sum(m.numel() for m in masks)
+    _write(out / f"{run_name(profile_name, scope, method, pattern)}.json", {
+        "meta": metadata("benchmarks.ppl_vs_sparsity", 0), "model": model_name, "profile": profile_name,
+        "scope": scope, "method": method, "pattern": pattern, "calibration": vars(profile) | {"seed": 0},
+        "perplexity": ppl, "nonfinite": nonfinite, "sparsity": result.sparsity, "layer_sparsity": layer_sparsity,
+        "escalations": result.escalations,
+        "seconds": {"prune": prune_seconds, "forward": result.forward_seconds, "solve": result.solve_seconds},
+        "peak_memory_mb": {"prune": peak_prune, "total": peak_memory_mb()},
+        "ffn_relative_error": {str(r["layer"]): r["ffn"] for r in result.layers},
+    })
+
+
+def _write(path: Path, record: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".json.tmp")
+    partial.write_text(json.dumps(record, indent=1) + "\n")
+    partial.replace(path)
+
+
+def main() -> None:
+    """Run the grid (skipping finished runs), one subprocess per run."""
+    parser = argparse.ArgumentParser(description="perplexity vs sparsity grid (resumable)")
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--profile", choices=list(PROFILES), default="p1")
+    parser.add_argument("--scope", choices=["full", "first-half"], default="full")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--patterns", default=",".join(PATTERNS))
+    parser.add_argument("--out", type=Path, default=PPL, help="results folder (default benchmarks/results/ppl)")
+    parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    methods, patterns = args.methods.split(","), args.patterns.split(",")
+    if args.one:
+        one(args.model, args.profile, args.scope, methods[0], patterns[0], args.out)
+        return
+    dense(args.model, args.profile, args.out)
+    todo = [(m, p) for m in methods for p in patterns
+            if not (args.out / f"{run_name(args.profile, args.scope, m, p)}.json").exists()]
+    print(f"{len(methods) * len(patterns) - len(todo)} runs done, {len(todo)} to go", flush=True)
+    for method, pattern in tqdm(todo, desc="runs", unit="run"):
+        command = [sys.executable, "-m", "benchmarks.ppl_vs_sparsity", "--one", "--model", args.model, "--profile",
+                   args.profile, "--scope", args.scope, "--methods", method, "--patterns", pattern, "--out", str(args.out)]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            tqdm.write(f"{method} {pattern} failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}")
+
+
+if __name__ == "__main__":
+    main()
