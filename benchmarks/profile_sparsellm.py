@@ -36,7 +36,8 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=4)
     parser.add_argument("--layer", type=int, default=1)
     parser.add_argument("--sparsity", default="0.7")
-    parser.add_argument("--prox", default="global,local", help="sparsellm proximal updates to profile")
+    parser.add_argument("--variants", default="local/all,local/downstream",
+                        help="sparsellm variants PROX/CONSISTENCY to profile, comma-separated")
     args = parser.parse_args()
 
     from sparsesolve.data import calibration_windows, load_text, tokenize
@@ -48,9 +49,12 @@ def main() -> None:
     windows = calibration_windows(tokenize(tokenizer, load_text("wiki", "train")), args.nsamples, args.seq_len, 0)
     layers = f"{args.layer}:{args.layer + 1}"
     rows = {}
-    for method in ["sparsegpt", *(f"sparsellm/{p}" for p in args.prox.split(","))]:
+    for method in ["sparsegpt", *(f"sparsellm/{v}" for v in args.variants.split(","))]:
         model, _ = load_model("smollm2-135m")
-        options = {"iterations": args.iterations, "prox": method.split("/")[1]} if "/" in method else {}
+        options = {}
+        if "/" in method:
+            _, prox, consistency = method.split("/")
+            options = {"iterations": args.iterations, "prox": prox, "consistency": consistency}
         profiler = cProfile.Profile()
         started = time.perf_counter()
         profiler.enable()

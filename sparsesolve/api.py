@@ -16,7 +16,7 @@ from sparsesolve.patterns import Pattern, parse_pattern
 from sparsesolve.solvers import SOLVERS
 
 METHODS = ("sparsellm", *SOLVERS)
-_SPARSELLM_OPTIONS = ("iterations", "alpha", "beta", "gamma", "reselect_mask", "prox", "trace")
+_SPARSELLM_OPTIONS = ("iterations", "alpha", "beta", "gamma", "reselect_mask", "prox", "trace", "consistency")
 
 
 def resolve_pattern(sparsity: float | str | None, pattern: Pattern | str | None) -> Pattern:

@@ -192,6 +192,7 @@ def sparsellm(
     progress: bool = False,
     trace: bool = True,
     prox: str = "global",
+    consistency: str = "all",
 ) -> ChainResult:
     """Prune every linear of ``chain`` jointly (module docstring); weights are written into its modules.
 
@@ -210,7 +211,12 @@ def sparsellm(
     - ``prox``: ``"global"`` (the exact elementwise minimiser, a bracketed global search) or ``"local"``
       (safeguarded Newton from the current pre-activation and from the linear map's output: never worse
       than the current value, several times cheaper; ReLU and identity are exact either way).
+    - ``consistency``: which linears the per-iteration consistency step refits on the true activations:
+      ``"all"``, or ``"downstream"`` (stage 0 keeps its masked solve, since its input is already the
+      true one; saves the first stage's refits).
     """
+    if consistency not in ("all", "downstream"):
+        raise ValueError(f"consistency must be 'all' or 'downstream', got {consistency!r}")
     if prox not in ("global", "local"):
         raise ValueError(f"prox must be 'global' or 'local', got {prox!r}")
     if iterations < 0 or min(alpha, beta, gamma) <= 0:
@@ -230,6 +236,7 @@ def sparsellm(
     weights = [list(ws) for ws in start.weights]
     masks = [[start.solutions[lin.name].mask for lin in stage.linears] for stage in chain.stages]
     history: list[dict[str, Any]] = []
+    first_stage: list[LayerSolution] = list(start.solutions[lin.name] for lin in chain.stages[0].linears)
     for iteration in tqdm(range(1, iterations + 1), desc="sparsellm", disable=not progress):
         tick = time.perf_counter()
         objective_trace: list[tuple[str, float]] = []
@@ -248,6 +255,8 @@ def sparsellm(
                 else:
                     sol = refit(weights[l][j], h, masks[l][j], target=cross, compute_dtype=dtype, **options)
                 weights[l][j], masks[l][j] = sol.weight.to(dtype), sol.mask
+                if l == 0:
+                    first_stage[j] = sol
         record("weights")
         escalations = 0
         for l in range(state.last - 1, -1, -1):
@@ -255,7 +264,7 @@ def sparsellm(
             record(f"activation {l}")
             state.update_preactivation(l, weights, local=prox == "local")
             record(f"preactivation {l}")
-        candidate = _consistent_candidate(state, masks, options)
+        candidate = _consistent_candidate(state, masks, options, None if consistency == "all" else first_stage)
         error = _squared_error(candidate.output, state.target)
         history.append({"iteration": iteration, "objective_trace": objective_trace, "error": error,
                         "relative_error": error / reference if reference > 0 else 0.0,
@@ -270,11 +279,15 @@ def sparsellm(
                        time.perf_counter() - started)
 
 
-def _consistent_candidate(state: CoordinatorState, masks: list[list[torch.Tensor]], options: dict[str, Any]) -> ChainSolve:
+def _consistent_candidate(state: CoordinatorState, masks: list[list[torch.Tensor]], options: dict[str, Any],
+                          first_stage: list[LayerSolution] | None = None) -> ChainSolve:
     """Refit every linear on its mask with the true pruned activations as input, the coordinator's
-    auxiliary (or ``Y``) as target."""
+    auxiliary (or ``Y``) as target. ``first_stage``: keep these solutions for stage 0, whose input is
+    already the true one (only the later stages are refitted)."""
 
     def solve(l: int, j: int, linear: LinearMap, h: torch.Tensor, acts: torch.Tensor) -> LayerSolution:
+        if l == 0 and first_stage is not None:
+            return first_stage[j]
         cross = state.cross(state.stage_targets(l)[j], linear, acts)
         return refit(linear.weight, h, masks[l][j], target=cross, compute_dtype=state.dtype, **options)
 

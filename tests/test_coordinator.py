@@ -51,6 +51,20 @@ def test_sparsellm_beats_layerwise_sparsegpt(build: object, pattern: str) -> Non
 
 
 @pytest.mark.parametrize("build", [relu_mlp, gated_mlp], ids=["relu3", "gated"])
+@pytest.mark.parametrize("options", [{"prox": "local"}, {"consistency": "downstream"}], ids=["local-prox", "downstream"])
+def test_faster_variants_still_beat_sparsegpt(build: object, options: dict) -> None:
+    dense, x = build(1), correlated_inputs(768, 16, seed=1)
+    pruned = copy.deepcopy(dense)
+    baseline = ss.prune(copy.deepcopy(dense), x, method="sparsegpt", pattern="0.8")
+    result = ss.prune(pruned, x, method="sparsellm", pattern="0.8", iterations=4, **options)
+    assert model_error(pruned, dense, x) == pytest.approx(result.error, rel=1e-6)
+    assert result.error < 0.95 * baseline.error
+    for lin in ss.Chain.from_module(pruned).linears:
+        parse_pattern("0.8").check_mask(result.solutions[lin.name].mask)
+        assert not bool(lin.weight[~result.solutions[lin.name].mask].any())
+
+
+@pytest.mark.parametrize("build", [relu_mlp, gated_mlp], ids=["relu3", "gated"])
 def test_objective_trace_non_increasing_over_auxiliary_updates(build: object) -> None:
     model, x = build(3), correlated_inputs(512, 16, seed=3)
     result = ss.prune(model, x, method="sparsellm", pattern="0.8", iterations=3)
@@ -121,6 +135,8 @@ def test_float32_model_and_inner_admm_solver() -> None:
         ({"sparsity": 0.5, "gamma": 0.0}, "penalties"),
         ({"sparsity": 0.5, "method": "wanda", "iterations": 2}, "apply to method .sparsellm. only"),
         ({"sparsity": 0.5, "chunk_size": 0}, "chunk_size"),
+        ({"sparsity": 0.5, "prox": "exact"}, "prox must be"),
+        ({"sparsity": 0.5, "consistency": "none"}, "consistency must be"),
     ],
 )
 def test_bad_arguments(kwargs: dict, message: str) -> None:
