@@ -57,11 +57,12 @@ def table(profile: str, scope: str, folder: Path = PPL) -> str:
     first = next(iter(runs.values()))["meta"]
     m = first["machine"]
     escalations = sum(r["escalations"] for r in runs.values())
+    threads = "/".join(str(t) for t in sorted({r["meta"]["machine"]["torch_threads"] for r in runs.values()}))
     nonfinite = sum(bool(r["nonfinite"]) for r in runs.values())
     return ("\n".join(lines) + f"\n\n_Cells: {' / '.join(corpora)} perplexity. {len(runs)} runs; damping escalations "
             f"{escalations}; runs with non-finite values {nonfinite}. Source: `python -m benchmarks.ppl_vs_sparsity "
             f"--profile {profile} --scope {scope}`, commits {sorted({r['meta']['commit'][:12] for r in runs.values()})}; "
-            f"{m['cpus']} CPUs, {m['torch_threads']} torch threads, torch {first['versions']['torch']}._\n")
+            f"{m['cpus']} CPUs, torch threads {threads}, torch {first['versions']['torch']}._\n")
 
 
 def plot(profile: str, scope: str, folder: Path = PPL, out: Path = RESULTS) -> Path:
