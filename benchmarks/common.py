@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from sparsesolve.environment import environment
+from sparsesolve.output import atomic_write
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -35,11 +36,9 @@ def metadata(module: str, seed: int) -> dict[str, Any]:
     }
 
 
-def write_json(name: str, payload: dict[str, Any]) -> Path:
-    """Write ``payload`` to ``benchmarks/results/NAME.json`` atomically; return the path."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=1) + "\n")
-    tmp.replace(path)
+def write_json(name: str, payload: dict[str, Any], folder: Path = RESULTS) -> Path:
+    """Write ``payload`` to ``FOLDER/NAME.json`` (default ``benchmarks/results``) atomically; return the path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.json"
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(payload, indent=1) + "\n"))
     return path

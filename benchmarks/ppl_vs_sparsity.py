@@ -23,10 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from tqdm.auto import tqdm
 
-from benchmarks.common import RESULTS, metadata
+from benchmarks.common import RESULTS, metadata, write_json
 
 PPL = RESULTS / "ppl"
 METHODS = ("magnitude", "wanda", "sparsegpt", "admm", "sparsellm")
@@ -56,16 +55,11 @@ def run_name(profile: str, scope: str, method: str, pattern: str) -> str:
     return f"{profile}_{scope}_{method}_{pattern.replace(':', '-').replace('%', '')}"
 
 
-def _tokens(tokenizer: Any, corpus: str, split: str) -> torch.Tensor:
-    from sparsesolve.data import load_text, tokenize
-
-    return tokenize(tokenizer, load_text(corpus, split))
-
-
 def _perplexities(model: Any, tokenizer: Any, profile: Profile) -> dict[str, float]:
+    from sparsesolve.data import corpus_tokens
     from sparsesolve.evaluate import perplexity
 
-    return {c: perplexity(model, _tokens(tokenizer, c, "test"), profile.seq_len, profile.eval_windows, progress=False)
+    return {c: perplexity(model, corpus_tokens(tokenizer, c, "test"), profile.seq_len, profile.eval_windows, progress=False)
             for c in profile.corpora}
 
 
@@ -79,13 +73,13 @@ def dense(model_name: str, profile_name: str, out: Path) -> dict[str, Any]:
     model, tokenizer = load_model(model_name)
     record = {"meta": metadata("benchmarks.ppl_vs_sparsity", 0), "model": model_name,
               "perplexity": _perplexities(model, tokenizer, PROFILES[profile_name])}
-    _write(path, record)
+    write_json(path.stem, record, out)
     return record
 
 
 def one(model_name: str, profile_name: str, scope: str, method: str, pattern: str, out: Path) -> None:
     """Prune, evaluate and record one run (executed in its own process)."""
-    from sparsesolve.data import calibration_windows
+    from sparsesolve.data import calibration_windows, corpus_tokens
     from sparsesolve.decoder import prune_decoder
     from sparsesolve.environment import peak_memory_mb
     from sparsesolve.models import load_model
@@ -93,7 +87,7 @@ def one(model_name: str, profile_name: str, scope: str, method: str, pattern: st
 
     profile = PROFILES[profile_name]
     model, tokenizer = load_model(model_name)
-    windows = calibration_windows(_tokens(tokenizer, profile.calib, "train"), profile.nsamples, profile.seq_len, seed=0)
+    windows = calibration_windows(corpus_tokens(tokenizer, profile.calib, "train"), profile.nsamples, profile.seq_len, seed=0)
     started = time.perf_counter()
     result = prune_decoder(model, windows, parse_pattern(pattern), method=method,
                            layers="first-half" if scope == "first-half" else None, progress=False)
@@ -108,7 +102,7 @@ def one(model_name: str, profile_name: str, scope: str, method: str, pattern: st
     for record in result.layers:
         masks = [result.masks[name] for name in record["linears"]]
         layer_sparsity[str(record["layer"])] = sum(int((~m).sum()) for m in masks) / sum(m.numel() for m in masks)
-    _write(out / f"{run_name(profile_name, scope, method, pattern)}.json", {
+    write_json(run_name(profile_name, scope, method, pattern), {
         "meta": metadata("benchmarks.ppl_vs_sparsity", 0), "model": model_name, "profile": profile_name,
         "scope": scope, "method": method, "pattern": pattern, "calibration": vars(profile) | {"seed": 0},
         "perplexity": ppl, "nonfinite": nonfinite, "sparsity": result.sparsity, "layer_sparsity": layer_sparsity,
@@ -116,14 +110,7 @@ def one(model_name: str, profile_name: str, scope: str, method: str, pattern: st
         "seconds": {"prune": prune_seconds, "forward": result.forward_seconds, "solve": result.solve_seconds},
         "peak_memory_mb": {"prune": peak_prune, "total": peak_memory_mb()},
         "ffn_relative_error": {str(r["layer"]): r["ffn"] for r in result.layers},
-    })
-
-
-def _write(path: Path, record: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".json.tmp")
-    partial.write_text(json.dumps(record, indent=1) + "\n")
-    partial.replace(path)
+    }, out)
 
 
 def main() -> None:

@@ -40,13 +40,13 @@ def main() -> None:
                         help="sparsellm variants PROX/CONSISTENCY to profile, comma-separated")
     args = parser.parse_args()
 
-    from sparsesolve.data import calibration_windows, load_text, tokenize
+    from sparsesolve.data import calibration_windows, corpus_tokens
     from sparsesolve.decoder import prune_decoder
     from sparsesolve.models import load_model
     from sparsesolve.patterns import parse_pattern
 
     model, tokenizer = load_model("smollm2-135m")
-    windows = calibration_windows(tokenize(tokenizer, load_text("wiki", "train")), args.nsamples, args.seq_len, 0)
+    windows = calibration_windows(corpus_tokens(tokenizer, "wiki", "train"), args.nsamples, args.seq_len, 0)
     layers = f"{args.layer}:{args.layer + 1}"
     rows = {}
     for method in ["sparsegpt", *(f"sparsellm/{v}" for v in args.variants.split(","))]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 from benchmarks.common import git_commit, write_json
@@ -31,8 +32,6 @@ def main() -> None:
 
 def time_of(path: Path) -> str:
     """Modification time of ``path`` as UTC ISO 8601."""
-    import time
-
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(path.stat().st_mtime))
 
 

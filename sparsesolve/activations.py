@@ -93,12 +93,8 @@ class Activation:
     def _prox_local(
         self, start: torch.Tensor, m: torch.Tensor, a: torch.Tensor, alpha: float, gamma: float, scale: torch.Tensor | None
     ) -> torch.Tensor:
-        c = torch.ones_like(m) if scale is None else scale
-        best = self._newton(start, m, a, c, alpha, gamma, scale)
-        best_f = self.objective(best, m, a, alpha, gamma, scale)
-        z = self._newton(m, m, a, c, alpha, gamma, scale)
-        f = self.objective(z, m, a, alpha, gamma, scale)
-        return torch.where(f < best_f, z, best)
+        f_start = self.objective(start, m, a, alpha, gamma, scale)
+        return self._polish([start, m], start, f_start, m, a, alpha, gamma, scale)
 
     def objective(
         self,
@@ -131,7 +127,13 @@ class Activation:
         starts = torch.stack([best, *self._branch_roots(level)])
         values = torch.stack([best_f] + [self.objective(z, m, a, alpha, gamma, scale) for z in starts[1:]])
         order = values.argsort(dim=0)[:POLISHED_STARTS]
-        for start in torch.gather(starts, 0, order):
+        return self._polish(list(torch.gather(starts, 0, order)), best, best_f, m, a, alpha, gamma, scale)
+
+    def _polish(self, starts: list[torch.Tensor], best: torch.Tensor, best_f: torch.Tensor, m: torch.Tensor,
+                a: torch.Tensor, alpha: float, gamma: float, scale: torch.Tensor | None) -> torch.Tensor:
+        """Newton from each start; elementwise, the lowest ``f`` among the results and ``best`` wins."""
+        c = torch.ones_like(m) if scale is None else scale
+        for start in starts:
             z = self._newton(start, m, a, c, alpha, gamma, scale)
             f = self.objective(z, m, a, alpha, gamma, scale)
             better = f < best_f

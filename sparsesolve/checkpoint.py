@@ -9,11 +9,12 @@ refused, because the result would match neither run.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from sparsesolve.output import atomic_write
 
 __all__ = ["LayerCheckpoints"]
 
@@ -37,7 +38,7 @@ class LayerCheckpoints:
                                  f"({', '.join(changed)}); start again with --overwrite")
             return self.done()
         self.folder.mkdir(parents=True, exist_ok=True)
-        _atomic_write(manifest, lambda path: path.write_text(json.dumps(self.settings, indent=2)))
+        atomic_write(manifest, lambda path: path.write_text(json.dumps(self.settings, indent=2)))
         return []
 
     def done(self) -> list[int]:
@@ -49,14 +50,9 @@ class LayerCheckpoints:
         """Store layer ``index``'s pruned weights (``(out, in)`` by linear name), masks and record."""
         payload = {"weights": {k: v.detach().cpu().clone() for k, v in weights.items()},
                    "masks": {k: v.cpu() for k, v in masks.items()}, "record": record}
-        _atomic_write(self.folder / f"layer_{index:04d}.pt", lambda path: torch.save(payload, path))
+        atomic_write(self.folder / f"layer_{index:04d}.pt", lambda path: torch.save(payload, path))
 
     def load(self, index: int) -> dict[str, Any]:
         """``{"weights", "masks", "record"}`` of layer ``index``."""
         return torch.load(self.folder / f"layer_{index:04d}.pt", map_location="cpu", weights_only=True)
 
-
-def _atomic_write(path: Path, write: Any) -> None:
-    partial = path.with_name(path.name + ".tmp")
-    write(partial)
-    os.replace(partial, path)

@@ -16,7 +16,8 @@ from typing import Any, NoReturn
 
 import torch
 
-from sparsesolve.data import CORPORA, calibration_windows, load_text, tokenize
+from sparsesolve.api import METHODS
+from sparsesolve.data import CORPORA, calibration_windows, corpus_tokens
 from sparsesolve.decoder import check_prunable, prune_decoder
 from sparsesolve.environment import environment, peak_memory_mb
 from sparsesolve.evaluate import check_seq_len, perplexity
@@ -27,7 +28,6 @@ from sparsesolve.solvers import SOLVERS
 
 __all__ = ["main", "build_parser"]
 
-METHODS = ("sparsellm", *SOLVERS)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
@@ -122,16 +122,17 @@ def _prune(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(args.model)
     check_seq_len(model, args.seq_len)
     layers = check_prunable(model, pattern, args.layers)
-    calibration = calibration_windows(tokenize(tokenizer, load_text(args.calib, "train")), args.nsamples, args.seq_len, args.seed)
-    tests = {name: tokenize(tokenizer, load_text(name, "test")) for name in args.data}
+    calibration = calibration_windows(corpus_tokens(tokenizer, args.calib, "train"), args.nsamples, args.seq_len, args.seed)
+    tests = {name: corpus_tokens(tokenizer, name, "test") for name in args.data}
     resumed = out.begin()
     _say(f"{'resuming' if resumed else 'pruning'} {args.model} ({model.config.model_type}, {len(layers)} layers) with "
          f"{args.method} at {pattern}; calibration {args.nsamples} x {args.seq_len} tokens of {args.calib}")
+    tick = time.perf_counter()
     dense = out.read_json("dense.json") if resumed else None
     if dense is None:
         dense = _evaluate(model, tests, args)
         out.write_json("dense.json", dense)
-    eval_seconds = time.perf_counter() - started
+    eval_seconds = time.perf_counter() - tick
     sparsellm_options = {"iterations": args.iterations} if args.iterations is not None else {}
     solver_options = {"damp": args.damp} if args.damp is not None else {}
     result = prune_decoder(model, calibration, pattern, method=args.method, layers=layers, solver=args.solver,
@@ -168,7 +169,7 @@ def _eval(args: argparse.Namespace) -> int:
         raise ValueError("nothing to evaluate: pass --data wiki,ptb")
     model, tokenizer = load_model(args.model)
     check_seq_len(model, args.seq_len)
-    tests = {name: tokenize(tokenizer, load_text(name, "test")) for name in args.data}
+    tests = {name: corpus_tokens(tokenizer, name, "test") for name in args.data}
     for name, value in _evaluate(model, tests, args).items():
         _say(f"perplexity {name} ({args.eval_windows or 'all'} windows of {args.seq_len}): {value:.2f}")
     return 0

@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerBase
 
-__all__ = ["CORPORA", "SPLITS", "WIKI_SPLIT_SEED", "load_text", "wiki_documents", "tokenize", "calibration_windows", "eval_windows"]
+__all__ = ["CORPORA", "SPLITS", "WIKI_SPLIT_SEED", "load_text", "wiki_documents", "tokenize", "corpus_tokens",
+           "calibration_windows", "eval_windows"]
 
 SPLITS = ("train", "validation", "test")
 WIKI_SPLIT_SEED = 0
@@ -114,6 +115,11 @@ def tokenize(tokenizer: PreTrainedTokenizerBase, text: str) -> torch.Tensor:
     """Tokenise ``text`` once, as the papers do, into a 1-D LongTensor."""
     ids = tokenizer(text, return_attention_mask=False, verbose=False)["input_ids"]
     return torch.tensor(ids, dtype=torch.long)
+
+
+def corpus_tokens(tokenizer: PreTrainedTokenizerBase, corpus: str, split: str) -> torch.Tensor:
+    """One split of a corpus, tokenised once (``tokenize(tokenizer, load_text(corpus, split))``)."""
+    return tokenize(tokenizer, load_text(corpus, split))
 
 
 def _check_length(tokens: torch.Tensor, seq_len: int, needed: int, what: str) -> None:

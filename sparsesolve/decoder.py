@@ -24,7 +24,8 @@ from __future__ import annotations
 import hashlib
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -187,11 +188,17 @@ class _LayerPruner:
         self.chain_options = {"trace": False, "prox": "local", **sparsellm_options, "solver": solver} if method == "sparsellm" else {}
         self.forward_seconds = 0.0
 
+    @contextmanager
+    def forward_pass(self) -> Iterator[None]:
+        """Count the enclosed wall time as forward-pass time."""
+        tick = time.perf_counter()
+        yield
+        self.forward_seconds += time.perf_counter() - tick
+
     def _timed_feed(self, layer: nn.Module, module: nn.Module, inputs: _LayerInputs,
                     consume: Callable[[torch.Tensor], None]) -> None:
-        tick = time.perf_counter()
-        _feed(layer, module, inputs, self.dtype, consume)
-        self.forward_seconds += time.perf_counter() - tick
+        with self.forward_pass():
+            _feed(layer, module, inputs, self.dtype, consume)
 
     def prune(self, layer: nn.Module, lmap: DecoderLayerMap, inputs: _LayerInputs) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         """Prune attention groups then the FFN in place; returns the layer's record and masks."""
@@ -297,9 +304,8 @@ def prune_decoder(
     pruner = _LayerPruner(pattern, method, solver, dict(solver_options or {}), dict(sparsellm_options or {}),
                           chunk_size, storage, model_dtype)
     with torch.no_grad():
-        tick = time.perf_counter()
-        inputs = _capture_first_inputs(model, decoder[0], calibration, batch_size, storage, device)
-        pruner.forward_seconds += time.perf_counter() - tick
+        with pruner.forward_pass():
+            inputs = _capture_first_inputs(model, decoder[0], calibration, batch_size, storage, device)
         records, masks, solve_seconds = [], {}, 0.0
         bar = tqdm(range(chosen[-1] + 1), desc="layers", unit="layer", disable=not progress)
         for index in bar:
@@ -320,9 +326,8 @@ def prune_decoder(
                 masks.update(layer_masks)
                 bar.set_postfix(ffn_error=f"{record['ffn']['relative_error']:.4f}")
             if index < chosen[-1]:
-                tick = time.perf_counter()
-                inputs.hidden = [_run(layer, h, kw, model_dtype).to(storage) for h, kw in zip(inputs.hidden, inputs.kwargs)]
-                pruner.forward_seconds += time.perf_counter() - tick
+                with pruner.forward_pass():
+                    inputs.hidden = [_run(layer, h, kw, model_dtype).to(storage) for h, kw in zip(inputs.hidden, inputs.kwargs)]
             layer.to(home)
     return PruneResult(records, masks, time.perf_counter() - started, pruner.forward_seconds, solve_seconds,
                        sorted(done & set(chosen)))

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from sparsesolve.data import eval_windows, load_text, tokenize
+from sparsesolve.data import corpus_tokens, eval_windows
 from sparsesolve.models import context_length
 
 __all__ = ["perplexity", "check_seq_len"]
@@ -53,7 +53,7 @@ def perplexity(
     if isinstance(corpus, str):
         if tokenizer is None:
             raise ValueError("perplexity on a named corpus needs tokenizer=")
-        tokens = tokenize(tokenizer, load_text(corpus, split))
+        tokens = corpus_tokens(tokenizer, corpus, split)
     else:
         tokens = corpus.reshape(-1)
     windows = eval_windows(tokens, seq_len, max_windows)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,14 @@ import torch
 from safetensors.torch import save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-__all__ = ["OutputFolder"]
+__all__ = ["OutputFolder", "atomic_write"]
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Call ``write`` on ``PATH.tmp`` and rename it to ``path``: a kill leaves the old file or the new, never half."""
+    partial = path.with_name(path.name + ".tmp")
+    write(partial)
+    os.replace(partial, path)
 
 
 class OutputFolder:
@@ -64,9 +72,7 @@ class OutputFolder:
 
     def write_json(self, name: str, value: dict[str, Any]) -> None:
         """Write ``value`` as ``name`` in the staging folder (atomically)."""
-        partial = self.staging / (name + ".tmp")
-        partial.write_text(json.dumps(value, indent=2) + "\n")
-        os.replace(partial, self.staging / name)
+        atomic_write(self.staging / name, lambda path: path.write_text(json.dumps(value, indent=2) + "\n"))
 
     def commit(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None,
                masks: dict[str, torch.Tensor], report: dict[str, Any]) -> Path:
