@@ -14,7 +14,7 @@ __all__ = ["environment", "peak_memory_mb"]
 
 
 def environment() -> dict[str, Any]:
-    """Machine (platform, CPUs, torch threads, accelerator) and versions of the libraries that matter."""
+    """Machine (platform, CPUs, torch threads, 1-minute load average: other work sharing the CPUs, accelerator) and versions of the libraries that matter."""
     import numpy
     import scipy
     import transformers
@@ -24,6 +24,7 @@ def environment() -> dict[str, Any]:
     return {
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                    "load_average_1m": os.getloadavg()[0],
                     "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
         "versions": {"python": platform.python_version(), "sparsesolve": __version__, "torch": torch.__version__,
                      "transformers": transformers.__version__, "numpy": numpy.__version__, "scipy": scipy.__version__},
