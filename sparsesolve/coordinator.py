@@ -143,22 +143,33 @@ class CoordinatorState:
         return float(accumulate(self.n, self.chunk, part))
 
     def update_activation(self, l: int, weights: list[list[torch.Tensor]]) -> int:
-        """Ridge update of ``a_l`` against the next stage's targets and ``psi_l(z_l)``; returns escalations."""
+        """Ridge update of ``a_l`` against the next stage's targets and ``psi_l(z_l)``; returns escalations.
+
+        With the next stage's weights stacked as ``W`` (``O x n``) and its targets minus biases as ``T``
+        (``N x O``), the minimiser of ``w ||T - a W^T||^2 + gamma ||a - psi||^2`` is the residual
+        correction ``a = psi + (T - psi W^T) B`` with ``B = (W W^T + r I)^{-1} W = W (W^T W + r I)^{-1}``,
+        ``r = gamma / w`` (push-through identity). ``B`` is factored once from the smaller of the two
+        Grams; each token then costs two products of ``O x n`` instead of an ``n x n`` triangular solve.
+        """
         nxt = self.chain.stages[l + 1]
-        w = self.beta if l + 1 == self.last else self.alpha
-        ws = weights[l + 1]
-        system = w * sum(m.T @ m for m in ws) + self.gamma * torch.eye(ws[0].shape[1], dtype=self.dtype, device=ws[0].device)
-        chol = damped_cholesky(system, 0.0)
+        ridge = self.gamma / (self.beta if l + 1 == self.last else self.alpha)
+        stacked = torch.cat(weights[l + 1])
+        outer = stacked.shape[0] <= stacked.shape[1]
+        small = stacked @ stacked.T if outer else stacked.T @ stacked
+        chol = damped_cholesky(small + ridge * torch.eye(small.shape[0], dtype=self.dtype, device=small.device), 0.0)
+        coupling = chol.solve(stacked) if outer else chol.solve(stacked.T).T
+        biases = [lin.bias for lin in nxt.linears]
+        bias = None if all(b is None for b in biases) else torch.cat(
+            [torch.zeros(w.shape[0], dtype=self.dtype, device=w.device) if b is None else b.to(self.dtype)
+             for b, w in zip(biases, weights[l + 1])])
         stage, targets = self.chain.stages[l], self.stage_targets(l + 1)
 
         def solve(c: slice) -> torch.Tensor:
-            rhs = self.gamma * stage.activate([p[c].to(self.dtype) for p in self.pres[l]])
-            for lin, m, t in zip(nxt.linears, ws, targets):
-                t = t[c].to(self.dtype)
-                if lin.bias is not None:
-                    t = t - lin.bias.to(self.dtype)
-                rhs = rhs + w * (t @ m)
-            return chol.solve(rhs.T).T
+            psi = stage.activate([p[c].to(self.dtype) for p in self.pres[l]])
+            residual = torch.cat([t[c].to(self.dtype) for t in targets], dim=1) - psi @ stacked.T
+            if bias is not None:
+                residual = residual - bias
+            return psi + residual @ coupling
 
         map_tokens(self.n, self.chunk, solve, self.acts[l])
         return chol.escalations

@@ -14,7 +14,8 @@ __all__ = ["environment", "peak_memory_mb"]
 
 
 def environment() -> dict[str, Any]:
-    """Machine (platform, CPUs, torch threads, 1-minute load average: other work sharing the CPUs, accelerator) and versions of the libraries that matter."""
+    """Machine (platform, CPUs, torch threads, accelerator, 1-minute load average: other work sharing
+    the CPUs) and versions of the libraries that matter."""
     import numpy
     import scipy
     import transformers

@@ -83,14 +83,18 @@ def _state(module: nn.Module, x: torch.Tensor, beta: float) -> CoordinatorState:
     return CoordinatorState(Chain.from_module(module), x, torch.float64, torch.float64, None, ALPHA, beta, GAMMA)
 
 
-@pytest.mark.parametrize("gated", [False, True])
-def test_activation_ridge_update_matches_cvxpy(gated: bool) -> None:
-    """``a_l = argmin w sum_j ||t_j - a W_j^T - b_j||^2 + gamma ||a - psi(z_l)||^2`` (cvxpy)."""
+@pytest.mark.parametrize("shape", ["expanding", "gated", "contracting"])
+def test_activation_ridge_update_matches_cvxpy(shape: str) -> None:
+    """``a_l = argmin w sum_j ||t_j - a W_j^T - b_j||^2 + gamma ||a - psi(z_l)||^2`` (cvxpy); the next
+    stage wider than ``a_l`` (factored in ``a``'s space), gated (two linears stacked), narrower (factored
+    in the next stage's output space)."""
     torch.manual_seed(8)
-    if gated:
+    if shape == "gated":
         module = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), GatedMLP(8, 10, bias=True), nn.Linear(8, 4)).double()
-    else:
+    elif shape == "expanding":
         module = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 10), nn.SiLU(), nn.Linear(10, 4)).double()
+    else:
+        module = nn.Sequential(nn.Linear(6, 12), nn.SiLU(), nn.Linear(12, 3)).double()
     x = correlated_inputs(7, 6, seed=8)
     beta = 2.3
     state = _state(module, x, beta)
