@@ -80,7 +80,7 @@ def dense(model_name: str, profile_name: str, out: Path) -> dict[str, Any]:
 def one(model_name: str, profile_name: str, scope: str, method: str, pattern: str, out: Path) -> None:
     """Prune, evaluate and record one run (executed in its own process)."""
     from sparsesolve.data import calibration_windows, corpus_tokens
-    from sparsesolve.decoder import prune_decoder
+    from sparsesolve.decoder import DECODER_SPARSELLM_DEFAULTS, prune_decoder
     from sparsesolve.environment import peak_memory_mb
     from sparsesolve.models import load_model
     from sparsesolve.patterns import parse_pattern
@@ -105,6 +105,7 @@ def one(model_name: str, profile_name: str, scope: str, method: str, pattern: st
     write_json(run_name(profile_name, scope, method, pattern), {
         "meta": metadata("benchmarks.ppl_vs_sparsity", 0), "model": model_name, "profile": profile_name,
         "scope": scope, "method": method, "pattern": pattern, "calibration": vars(profile) | {"seed": 0},
+        "sparsellm_options": DECODER_SPARSELLM_DEFAULTS if method == "sparsellm" else None,
         "perplexity": ppl, "nonfinite": nonfinite, "sparsity": result.sparsity, "layer_sparsity": layer_sparsity,
         "escalations": result.escalations,
         "seconds": {"prune": prune_seconds, "forward": result.forward_seconds, "solve": result.solve_seconds},

@@ -1,9 +1,13 @@
-"""Where sparsellm's time goes on one SmolLM2 decoder layer, against sparsegpt on the same layer.
+"""Where sparsellm's time goes on one SmolLM2 decoder layer, and what each variant buys, against sparsegpt.
 
-    python -m benchmarks.profile_sparsellm --nsamples 8 --iterations 4 --layer 1
+    python -m benchmarks.profile_sparsellm --nsamples 64 --layer 1 --out study_p1_layer1 \\
+        --variant base iterations=4 --variant global iterations=4,prox=global
 
-Writes ``results/profile_sparsellm.json``: wall time of both methods on the layer and, for sparsellm,
-the cumulative time of the coordinator's parts (cProfile), so speed work targets the right part.
+Each ``--variant NAME OPTIONS`` is a set of ``sparsellm`` options (``key=value`` pairs, comma-separated;
+numbers and booleans parsed). Writes ``results/OUT.json``: wall time of sparsegpt and of every variant on
+the layer, the FFN's relative reconstruction error after each coordinator iteration (so one run with
+``iterations=4`` shows every shorter run too) with the seconds of each, and the cumulative time of the
+coordinator's parts (cProfile), so speed work targets the right part.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import argparse
 import cProfile
 import pstats
 import time
+from typing import Any
 
 from benchmarks.common import metadata, write_json
 
@@ -20,25 +25,44 @@ PARTS = [
     ("consistency refits", "coordinator.py", "_consistent_candidate"),
     ("gate / activation proximal updates", "coordinator.py", "update_preactivation"),
     ("activation ridge updates", "coordinator.py", "update_activation"),
-    ("objective evaluations", "coordinator.py", "objective"),
     ("masked solves (all)", "sparsegpt.py", "sparsegpt"),
+    ("exact fixed-mask refits (all)", "refit.py", "refit"),
     ("cross-covariances", "coordinator.py", "cross"),
     ("one-shot start", "sequential.py", "layerwise"),
     ("dense auxiliaries", "coordinator.py", "__init__"),
 ]
 
 
+def parse_options(text: str) -> dict[str, Any]:
+    """``"iterations=2,prox=global"`` -> ``{"iterations": 2, "prox": "global"}`` (ints, floats, booleans)."""
+    options: dict[str, Any] = {}
+    for pair in filter(None, text.split(",")):
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"variant option {pair!r} is not key=value; write e.g. iterations=2,prox=global")
+        for cast in (int, float):
+            try:
+                options[key] = cast(value)
+                break
+            except ValueError:
+                continue
+        else:
+            options[key] = {"true": True, "false": False}.get(value.lower(), value)
+    return options
+
+
 def main() -> None:
-    """Profile one layer and write the JSON."""
+    """Profile one layer under every variant and write the JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nsamples", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--iterations", type=int, default=4)
     parser.add_argument("--layer", type=int, default=1)
-    parser.add_argument("--sparsity", default="0.7")
-    parser.add_argument("--variants", default="local/all,local/downstream",
-                        help="sparsellm variants PROX/CONSISTENCY to profile, comma-separated")
+    parser.add_argument("--sparsity", default="0.7", help="pattern: 0.7, 2:4 ...")
+    parser.add_argument("--variant", nargs=2, action="append", metavar=("NAME", "OPTIONS"),
+                        help="a sparsellm variant: NAME key=value,... (repeatable; default: base iterations=4)")
+    parser.add_argument("--out", default="profile_sparsellm", help="results/OUT.json")
     args = parser.parse_args()
+    variants = {name: parse_options(text) for name, text in (args.variant or [("base", "iterations=4")])}
 
     from sparsesolve.data import calibration_windows, corpus_tokens
     from sparsesolve.decoder import prune_decoder
@@ -49,27 +73,24 @@ def main() -> None:
     windows = calibration_windows(corpus_tokens(tokenizer, "wiki", "train"), args.nsamples, args.seq_len, 0)
     layers = f"{args.layer}:{args.layer + 1}"
     rows = {}
-    for method in ["sparsegpt", *(f"sparsellm/{v}" for v in args.variants.split(","))]:
+    for name, options in {"sparsegpt": None, **variants}.items():
         model, _ = load_model("smollm2-135m")
-        options = {}
-        if "/" in method:
-            _, prox, consistency = method.split("/")
-            options = {"iterations": args.iterations, "prox": prox, "consistency": consistency}
+        method = "sparsegpt" if options is None else "sparsellm"
         profiler = cProfile.Profile()
         started = time.perf_counter()
         profiler.enable()
-        result = prune_decoder(model, windows, parse_pattern(args.sparsity), method=method.split("/")[0], layers=layers,
+        result = prune_decoder(model, windows, parse_pattern(args.sparsity), method=method, layers=layers,
                                sparsellm_options=options, progress=False)
         profiler.disable()
         stats = pstats.Stats(profiler).stats
-        parts = {label: sum(v[3] for (file, _, name), v in stats.items() if file.endswith(suffix) and name == func)
+        parts = {label: sum(v[3] for (file, _, fn), v in stats.items() if file.endswith(suffix) and fn == func)
                  for label, suffix, func in PARTS}
-        rows[method] = {"seconds": time.perf_counter() - started, "forward": result.forward_seconds,
-                        "solve": result.solve_seconds, "ffn": result.layers[-1]["ffn"],
-                        "parts": parts if "/" in method else {}}
-        print(method, f"{rows[method]['seconds']:.1f} s", flush=True)
-    write_json("profile_sparsellm", {"meta": metadata("benchmarks.profile_sparsellm", 0), "settings": vars(args),
-                                     "rows": rows})
+        ffn = result.layers[-1]["ffn"]
+        rows[name] = {"options": options, "seconds": time.perf_counter() - started, "forward": result.forward_seconds,
+                      "solve": result.solve_seconds, "ffn": ffn, "parts": parts if options is not None else {}}
+        print(f"{name}: {rows[name]['seconds']:.1f} s, FFN error {ffn['relative_error']:.5f} "
+              f"(per iteration {[round(e, 5) for e in ffn.get('iteration_errors', [])]})", flush=True)
+    write_json(args.out, {"meta": metadata("benchmarks.profile_sparsellm", 0), "settings": vars(args), "rows": rows})
 
 
 if __name__ == "__main__":

@@ -28,6 +28,8 @@ __all__ = ["Activation", "ACTIVATIONS", "get_activation"]
 GRID_POINTS = 9
 NEWTON_STEPS = 6
 HALVINGS = 4
+LOCAL_NEWTON_STEPS = 1  # the coordinator repeats the local update every iteration (benchmarks/README.md)
+LOCAL_HALVINGS = 2
 POLISHED_STARTS = 2
 PROX_BLOCK = 2**18
 BISECTION_STEPS = 30
@@ -54,14 +56,16 @@ class Activation:
         gamma: float,
         scale: torch.Tensor | None = None,
         start: torch.Tensor | None = None,
+        steps: int = LOCAL_NEWTON_STEPS,
     ) -> torch.Tensor:
         """Elementwise ``argmin_z alpha (z - m)^2 + gamma (a - scale * phi(z))^2`` (``scale`` = 1 if None).
 
         With ``start`` (the current iterate) a smooth activation takes the fast local update instead of
-        the global search: ``NEWTON_STEPS`` safeguarded Newton steps from ``start`` and from ``m``, the
-        better kept. It is a descent step, not the global minimiser (nor always a stationary point): never
-        worse than ``start``, so the coordinator's objective still cannot increase, at about half the cost
-        of the grid and branch-root search.
+        the global search: ``steps`` safeguarded Newton steps from ``start`` (each halved at most
+        ``LOCAL_HALVINGS`` times, taken only where ``f`` decreases). It is a descent step, not the global
+        minimiser (nor, with few steps, a stationary point): never worse than ``start``, so the
+        coordinator's objective still cannot increase, at a fraction of the cost of the grid and
+        branch-root search.
         """
         if alpha <= 0 or gamma < 0:
             raise ValueError(f"prox needs alpha > 0 and gamma >= 0, got {alpha}, {gamma}")
@@ -87,14 +91,10 @@ class Activation:
             if flat_start is None:
                 out[part] = self._prox_search(flat_m[part], flat_a[part], alpha, gamma, c)
             else:
-                out[part] = self._prox_local(flat_start[part], flat_m[part], flat_a[part], alpha, gamma, c)
+                local_c = torch.ones_like(flat_m[part]) if c is None else c
+                out[part] = self._newton(flat_start[part], flat_m[part], flat_a[part], local_c, alpha, gamma, c,
+                                         steps, LOCAL_HALVINGS)
         return out.reshape(m.shape)
-
-    def _prox_local(
-        self, start: torch.Tensor, m: torch.Tensor, a: torch.Tensor, alpha: float, gamma: float, scale: torch.Tensor | None
-    ) -> torch.Tensor:
-        f_start = self.objective(start, m, a, alpha, gamma, scale)
-        return self._polish([start, m], start, f_start, m, a, alpha, gamma, scale)
 
     def objective(
         self,
@@ -134,7 +134,7 @@ class Activation:
         """Newton from each start; elementwise, the lowest ``f`` among the results and ``best`` wins."""
         c = torch.ones_like(m) if scale is None else scale
         for start in starts:
-            z = self._newton(start, m, a, c, alpha, gamma, scale)
+            z = self._newton(start, m, a, c, alpha, gamma, scale, NEWTON_STEPS, HALVINGS)
             f = self.objective(z, m, a, alpha, gamma, scale)
             better = f < best_f
             best, best_f = torch.where(better, z, best), torch.where(better, f, best_f)
@@ -142,18 +142,19 @@ class Activation:
 
     def _newton(
         self, z: torch.Tensor, m: torch.Tensor, a: torch.Tensor, c: torch.Tensor, alpha: float, gamma: float,
-        scale: torch.Tensor | None,
+        scale: torch.Tensor | None, steps: int, halvings: int,
     ) -> torch.Tensor:
-        """Newton steps on ``f``; a step is taken only where it lowers ``f`` (else halved, ``HALVINGS`` times)."""
+        """``steps`` Newton steps on ``f``; a step is taken only where it lowers ``f`` (else halved, at most
+        ``halvings`` times)."""
         f_z = self.objective(z, m, a, alpha, gamma, scale)
-        for _ in range(NEWTON_STEPS):
+        for _ in range(steps):
             phi, d1, d2 = self.fn(z), self.d1(z), self.d2(z)
             residual = a - c * phi
             grad = 2 * alpha * (z - m) - 2 * gamma * c * residual * d1
             hess = 2 * alpha + 2 * gamma * c * c * d1 * d1 - 2 * gamma * c * residual * d2
             step = torch.where(hess > 0, -grad / hess.clamp_min(1e-300), -grad / (2 * alpha))
             pending = torch.ones_like(z, dtype=torch.bool)
-            for _ in range(HALVINGS):
+            for _ in range(halvings):
                 trial = z + step
                 f = self.objective(trial, m, a, alpha, gamma, scale)
                 better = pending & (f < f_z)

@@ -16,7 +16,8 @@ from sparsesolve.patterns import Pattern, parse_pattern
 from sparsesolve.solvers import SOLVERS
 
 METHODS = ("sparsellm", *SOLVERS)
-_SPARSELLM_OPTIONS = ("iterations", "alpha", "beta", "gamma", "reselect_mask", "prox", "trace", "consistency")
+_SPARSELLM_OPTIONS = ("iterations", "alpha", "beta", "gamma", "reselect_mask", "prox", "prox_steps", "trace",
+                      "consistency")
 
 
 def resolve_pattern(sparsity: float | str | None, pattern: Pattern | str | None) -> Pattern:
@@ -48,8 +49,9 @@ def prune(
     - ``sparsity`` (fraction of zeros per row) or ``pattern`` (``"2:4"``, ``"70%"``, a ``Pattern``).
     - ``options``: ``solver_options`` (dict for the per-layer solver, e.g. ``{"damp": 0.01}``),
       ``chunk_size``; for sparsellm also ``solver``, ``iterations``, ``alpha``, ``beta``, ``gamma``,
-      ``reselect_mask``, ``storage_dtype``, ``progress`` (see ``coordinator.sparsellm``); for a language
-      model also ``layers``, ``batch_size``, ``device``, ``checkpoint_dir``, ``resume``
+      ``reselect_mask``, ``prox``, ``prox_steps``, ``consistency``, ``storage_dtype``, ``progress`` (see
+      ``coordinator.sparsellm``; language-model defaults ``decoder.DECODER_SPARSELLM_DEFAULTS``); for a
+      language model also ``layers``, ``batch_size``, ``device``, ``checkpoint_dir``, ``resume``
       (see ``decoder.prune_decoder``).
     """
     if method not in METHODS:

@@ -74,11 +74,14 @@ class DenseStage:
 
     def prox(
         self, maps: list[torch.Tensor], pres: list[torch.Tensor], act: torch.Tensor, alpha: float, gamma: float,
-        local: bool = False,
+        local_steps: int | None = None,
     ) -> list[torch.Tensor]:
         """``z = argmin alpha ||z - m||^2 + gamma ||act - phi(z)||^2`` elementwise (``m = maps[0]``);
-        ``local``: the fast local update from the current ``z`` (``Activation.prox(start=...)``)."""
-        return [self.activation.prox(maps[0], act, alpha, gamma, start=pres[0] if local else None)]
+        ``local_steps``: the fast local update from the current ``z`` with that many Newton steps
+        (``Activation.prox(start=..., steps=...)``); None: the global search."""
+        if local_steps is None:
+            return [self.activation.prox(maps[0], act, alpha, gamma)]
+        return [self.activation.prox(maps[0], act, alpha, gamma, start=pres[0], steps=local_steps)]
 
 
 @dataclass
@@ -99,17 +102,20 @@ class GatedStage:
 
     def prox(
         self, maps: list[torch.Tensor], pres: list[torch.Tensor], act: torch.Tensor, alpha: float, gamma: float,
-        local: bool = False,
+        local_steps: int | None = None,
     ) -> list[torch.Tensor]:
         """Exact block updates of ``alpha(||u - m_u||^2 + ||s - m_s||^2) + gamma ||act - phi(s) u||^2``.
 
         First ``u`` given the current ``s`` (closed form ``(alpha m_u + gamma sigma act) / (alpha +
         gamma sigma^2)``, ``sigma = phi(s)``), then ``s`` given the new ``u`` (1-D solve per element;
-        ``local``: the fast local update from the current ``s``, never worse than it).
+        ``local_steps``: the fast local update from the current ``s``, never worse than it).
         """
         sigma = self.activation(pres[1])
         up = (alpha * maps[0] + gamma * sigma * act) / (alpha + gamma * sigma * sigma)
-        gate = self.activation.prox(maps[1], act, alpha, gamma, scale=up, start=pres[1] if local else None)
+        if local_steps is None:
+            gate = self.activation.prox(maps[1], act, alpha, gamma, scale=up)
+        else:
+            gate = self.activation.prox(maps[1], act, alpha, gamma, scale=up, start=pres[1], steps=local_steps)
         return [up, gate]
 
 

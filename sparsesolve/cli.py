@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--layers", default="all", help="'all' (default), 'first-half' (the paper's setting), 'A:B', 'i,j'")
     prune.add_argument("--solver", choices=SOLVERS, default="sparsegpt",
                        help="per-layer solver inside sparsellm and for attention (default sparsegpt)")
-    prune.add_argument("--iterations", type=int, default=None, help="sparsellm iterations (default 4)")
+    prune.add_argument("--iterations", type=int, default=None, help="sparsellm iterations (default 1 for language models)")
     prune.add_argument("--damp", type=float, default=None, help="relative damping of every solve (default 0.01)")
     prune.add_argument("--calib", choices=list(CORPORA), default="wiki", help="calibration corpus (default wiki)")
     prune.add_argument("--nsamples", type=int, default=64, help="calibration windows (default 64)")

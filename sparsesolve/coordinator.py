@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from sparsesolve.activations import LOCAL_NEWTON_STEPS
 from sparsesolve.chain import Chain, LinearMap, apply_linear
 from sparsesolve.linalg import compute_dtype_for, damped_cholesky
 from sparsesolve.patterns import Pattern
@@ -174,14 +175,16 @@ class CoordinatorState:
         map_tokens(self.n, self.chunk, solve, self.acts[l])
         return chol.escalations
 
-    def update_preactivation(self, l: int, weights: list[list[torch.Tensor]], local: bool = False) -> None:
-        """Elementwise proximal update of the pre-activations ``z_l`` given ``a_l`` (``stage.prox``)."""
+    def update_preactivation(self, l: int, weights: list[list[torch.Tensor]], local_steps: int | None = None) -> None:
+        """Elementwise proximal update of the pre-activations ``z_l`` given ``a_l`` (``stage.prox``;
+        ``local_steps``: Newton steps of the local update, None for the global search)."""
         stage, x_all = self.chain.stages[l], self.stage_input(l)
         for c in token_chunks(self.n, self.chunk):
             x = x_all[c].to(self.dtype)
             maps = [apply_linear(x, w, lin) for lin, w in zip(stage.linears, weights[l])]
             pres = [p[c].to(self.dtype) for p in self.pres[l]]
-            new = stage.prox(maps, pres, self.acts[l][c].to(self.dtype), self.alpha, self.gamma, local=local)
+            new = stage.prox(maps, pres, self.acts[l][c].to(self.dtype), self.alpha, self.gamma,
+                             local_steps=local_steps)
             for store, value in zip(self.pres[l], new):
                 store[c] = value.to(self.storage)
 
@@ -203,6 +206,7 @@ def sparsellm(
     progress: bool = False,
     trace: bool = True,
     prox: str = "global",
+    prox_steps: int = LOCAL_NEWTON_STEPS,
     consistency: str = "all",
 ) -> ChainResult:
     """Prune every linear of ``chain`` jointly (module docstring); weights are written into its modules.
@@ -220,8 +224,8 @@ def sparsellm(
     - ``trace``: evaluate the penalised objective after every block update (``history[i]["objective_trace"]``);
       each evaluation is a full pass over the tokens, so large runs switch it off.
     - ``prox``: ``"global"`` (the exact elementwise minimiser, a bracketed global search) or ``"local"``
-      (safeguarded Newton from the current pre-activation and from the linear map's output: never worse
-      than the current value, several times cheaper; ReLU and identity are exact either way).
+      (``prox_steps`` safeguarded Newton steps from the current pre-activation: never worse than the
+      current value, several times cheaper; ReLU and identity are exact either way).
     - ``consistency``: which linears the per-iteration consistency step refits on the true activations:
       ``"all"``, or ``"downstream"`` (stage 0 keeps its masked solve, since its input is already the
       true one; saves the first stage's refits).
@@ -230,6 +234,8 @@ def sparsellm(
         raise ValueError(f"consistency must be 'all' or 'downstream', got {consistency!r}")
     if prox not in ("global", "local"):
         raise ValueError(f"prox must be 'global' or 'local', got {prox!r}")
+    if prox_steps < 1:
+        raise ValueError(f"prox_steps must be at least 1, got {prox_steps}")
     if iterations < 0 or min(alpha, beta, gamma) <= 0:
         raise ValueError("sparsellm needs iterations >= 0 and positive penalties alpha, beta, gamma")
     started = time.perf_counter()
@@ -273,7 +279,7 @@ def sparsellm(
         for l in range(state.last - 1, -1, -1):
             escalations += state.update_activation(l, weights)
             record(f"activation {l}")
-            state.update_preactivation(l, weights, local=prox == "local")
+            state.update_preactivation(l, weights, prox_steps if prox == "local" else None)
             record(f"preactivation {l}")
         candidate = _consistent_candidate(state, masks, options, None if consistency == "all" else first_stage)
         error = _squared_error(candidate.output, state.target)

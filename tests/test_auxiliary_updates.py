@@ -113,8 +113,8 @@ def test_activation_ridge_update_matches_cvxpy(shape: str) -> None:
     np.testing.assert_allclose(state.acts[0].numpy(), a.value, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("local", [False, True])
-def test_objective_decreases_along_auxiliary_updates(local: bool) -> None:
+@pytest.mark.parametrize("local_steps", [None, 1, 6], ids=["global", "local-1", "local-6"])
+def test_objective_decreases_along_auxiliary_updates(local_steps: int | None) -> None:
     torch.manual_seed(9)
     module = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 12), nn.GELU(), nn.Linear(12, 5)).double()
     state = _state(module, correlated_inputs(64, 6, seed=9), 1.0)
@@ -123,7 +123,7 @@ def test_objective_decreases_along_auxiliary_updates(local: bool) -> None:
     for l in (1, 0):
         state.update_activation(l, weights)
         values.append(state.objective(weights))
-        state.update_preactivation(l, weights, local=local)
+        state.update_preactivation(l, weights, local_steps)
         values.append(state.objective(weights))
     assert all(b <= a * (1 + 1e-12) for a, b in zip(values, values[1:])), values
     assert values[-1] < 0.9 * values[0]
@@ -131,20 +131,21 @@ def test_objective_decreases_along_auxiliary_updates(local: bool) -> None:
 
 @pytest.mark.parametrize("name", ["silu", "gelu", "tanh"])
 def test_local_prox_is_a_descent_step(name: str) -> None:
-    """The fast local update: never worse than the current iterate or than ``m``, mostly a stationary
-    point of the 1-D objective (central differences), and started at the global search's answer it
-    keeps (or improves) it."""
+    """The fast local update: never worse than the current iterate with any number of Newton steps,
+    strictly better on most elements, six steps better in total than one; started at the global
+    search's answer it keeps (or improves) it."""
     act = get_activation(name)
     m, a = sample_prox_problem(4, size=200)
     u = 10 * torch.randn(m.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     start = m + torch.randn(m.shape, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
-    z = act.prox(m, a, ALPHA, GAMMA, scale=u, start=start)
-    f = act.objective(z, m, a, ALPHA, GAMMA, u)
-    assert (f <= act.objective(start, m, a, ALPHA, GAMMA, u) + 1e-12).all()
-    assert (f <= act.objective(m, m, a, ALPHA, GAMMA, u) + 1e-12).all()
-    h = 1e-6
-    slope = (act.objective(z + h, m, a, ALPHA, GAMMA, u) - act.objective(z - h, m, a, ALPHA, GAMMA, u)) / (2 * h)
-    assert (slope.abs() <= 1e-4 * (1 + f)).float().mean() > 0.75
+    f_start = act.objective(start, m, a, ALPHA, GAMMA, u)
+    values = {}
+    for steps in (1, 6):
+        z = act.prox(m, a, ALPHA, GAMMA, scale=u, start=start, steps=steps)
+        values[steps] = act.objective(z, m, a, ALPHA, GAMMA, u)
+        assert (values[steps] <= f_start + 1e-12).all()
+    assert (values[1] < f_start).float().mean() > 0.5
+    assert values[6].sum() < values[1].sum()
     exact = act.prox(m, a, ALPHA, GAMMA, scale=u)
     kept = act.prox(m, a, ALPHA, GAMMA, scale=u, start=exact)
     assert (act.objective(kept, m, a, ALPHA, GAMMA, u) <= act.objective(exact, m, a, ALPHA, GAMMA, u) + 1e-12).all()
