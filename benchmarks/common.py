@@ -42,3 +42,21 @@ def write_json(name: str, payload: dict[str, Any], folder: Path = RESULTS) -> Pa
     path = folder / f"{name}.json"
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(payload, indent=1) + "\n"))
     return path
+
+
+def parse_options(text: str) -> dict[str, Any]:
+    """``"iterations=2,prox=global"`` -> ``{"iterations": 2, "prox": "global"}`` (ints, floats, booleans)."""
+    options: dict[str, Any] = {}
+    for pair in filter(None, text.split(",")):
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"variant option {pair!r} is not key=value; write e.g. iterations=2,prox=global")
+        for cast in (int, float):
+            try:
+                options[key] = cast(value)
+                break
+            except ValueError:
+                continue
+        else:
+            options[key] = {"true": True, "false": False}.get(value.lower(), value)
+    return options

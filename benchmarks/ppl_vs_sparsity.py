@@ -4,9 +4,12 @@
     python -m benchmarks.ppl_vs_sparsity --scope first-half       # the SparseLLM paper's setting
     python -m benchmarks.ppl_vs_sparsity --methods sparsegpt --patterns 0.7,2:4
     python -m benchmarks.ppl_vs_sparsity --profile paper          # P2 (128 x 2048, full test split): a GPU
+    python -m benchmarks.ppl_vs_sparsity --methods sparsellm --patterns 0.7 --sparsellm-options alpha=1 --tag alpha1
 
 One JSON per run in ``benchmarks/results/ppl/`` (``PROFILE_SCOPE_METHOD_PATTERN.json``); runs whose JSON
-exists are skipped, so an interrupted grid continues where it stopped. Each run executes in its own
+exists are skipped, so an interrupted grid continues where it stopped. ``--sparsellm-options`` overrides
+the language-model defaults for a study; such runs need a ``--tag`` (appended to the file stem) and
+stay out of the main table. Each run executes in its own
 process (``--one``), so its peak resident memory is its own and a crash does not end the grid. The
 dense perplexities are measured once per profile (``PROFILE_dense.json``).
 """
@@ -25,7 +28,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from benchmarks.common import RESULTS, metadata, write_json
+from benchmarks.common import RESULTS, metadata, parse_options, write_json
 
 PPL = RESULTS / "ppl"
 METHODS = ("magnitude", "wanda", "sparsegpt", "admm", "sparsellm")
@@ -50,9 +53,9 @@ PROFILES = {
 }
 
 
-def run_name(profile: str, scope: str, method: str, pattern: str) -> str:
-    """File stem of one run, e.g. ``p1_full_sparsegpt_2-4``."""
-    return f"{profile}_{scope}_{method}_{pattern.replace(':', '-').replace('%', '')}"
+def run_name(profile: str, scope: str, method: str, pattern: str, tag: str = "") -> str:
+    """File stem of one run, e.g. ``p1_full_sparsegpt_2-4`` (``_TAG`` appended for a study run)."""
+    return f"{profile}_{scope}_{method}_{pattern.replace(':', '-').replace('%', '')}" + (f"_{tag}" if tag else "")
 
 
 def _perplexities(model: Any, tokenizer: Any, profile: Profile) -> dict[str, float]:
@@ -77,7 +80,8 @@ def dense(model_name: str, profile_name: str, out: Path) -> dict[str, Any]:
     return record
 
 
-def one(model_name: str, profile_name: str, scope: str, method: str, pattern: str, out: Path) -> None:
+def one(model_name: str, profile_name: str, scope: str, method: str, pattern: str, out: Path,
+        overrides: dict[str, Any], tag: str) -> None:
     """Prune, evaluate and record one run (executed in its own process)."""
     from sparsesolve.data import calibration_windows, corpus_tokens
     from sparsesolve.decoder import DECODER_SPARSELLM_DEFAULTS, prune_decoder
@@ -89,7 +93,8 @@ def one(model_name: str, profile_name: str, scope: str, method: str, pattern: st
     model, tokenizer = load_model(model_name)
     windows = calibration_windows(corpus_tokens(tokenizer, profile.calib, "train"), profile.nsamples, profile.seq_len, seed=0)
     started = time.perf_counter()
-    result = prune_decoder(model, windows, parse_pattern(pattern), method=method,
+    options = {**DECODER_SPARSELLM_DEFAULTS, **overrides} if method == "sparsellm" else None
+    result = prune_decoder(model, windows, parse_pattern(pattern), method=method, sparsellm_options=options,
                            layers="first-half" if scope == "first-half" else None, progress=False)
     prune_seconds = time.perf_counter() - started
     peak_prune = peak_memory_mb()
@@ -102,10 +107,10 @@ def one(model_name: str, profile_name: str, scope: str, method: str, pattern: st
     for record in result.layers:
         masks = [result.masks[name] for name in record["linears"]]
         layer_sparsity[str(record["layer"])] = sum(int((~m).sum()) for m in masks) / sum(m.numel() for m in masks)
-    write_json(run_name(profile_name, scope, method, pattern), {
+    write_json(run_name(profile_name, scope, method, pattern, tag), {
         "meta": metadata("benchmarks.ppl_vs_sparsity", 0), "model": model_name, "profile": profile_name,
         "scope": scope, "method": method, "pattern": pattern, "calibration": vars(profile) | {"seed": 0},
-        "sparsellm_options": DECODER_SPARSELLM_DEFAULTS if method == "sparsellm" else None,
+        "sparsellm_options": options, "tag": tag,
         "perplexity": ppl, "nonfinite": nonfinite, "sparsity": result.sparsity, "layer_sparsity": layer_sparsity,
         "escalations": result.escalations,
         "seconds": {"prune": prune_seconds, "forward": result.forward_seconds, "solve": result.solve_seconds},
@@ -123,19 +128,25 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--patterns", default=",".join(PATTERNS))
     parser.add_argument("--out", type=Path, default=PPL, help="results folder (default benchmarks/results/ppl)")
+    parser.add_argument("--sparsellm-options", default="", help="study overrides, e.g. alpha=1,iterations=2 (needs --tag)")
+    parser.add_argument("--tag", default="", help="suffix of the run files of a study run")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     methods, patterns = args.methods.split(","), args.patterns.split(",")
+    overrides = parse_options(args.sparsellm_options)
+    if overrides and not args.tag:
+        parser.error("--sparsellm-options changes the method: give the runs a --tag so they stay out of the main table")
     if args.one:
-        one(args.model, args.profile, args.scope, methods[0], patterns[0], args.out)
+        one(args.model, args.profile, args.scope, methods[0], patterns[0], args.out, overrides, args.tag)
         return
     dense(args.model, args.profile, args.out)
     todo = [(m, p) for m in methods for p in patterns
-            if not (args.out / f"{run_name(args.profile, args.scope, m, p)}.json").exists()]
+            if not (args.out / f"{run_name(args.profile, args.scope, m, p, args.tag)}.json").exists()]
     print(f"{len(methods) * len(patterns) - len(todo)} runs done, {len(todo)} to go", flush=True)
     for method, pattern in tqdm(todo, desc="runs", unit="run"):
         command = [sys.executable, "-m", "benchmarks.ppl_vs_sparsity", "--one", "--model", args.model, "--profile",
-                   args.profile, "--scope", args.scope, "--methods", method, "--patterns", pattern, "--out", str(args.out)]
+                   args.profile, "--scope", args.scope, "--methods", method, "--patterns", pattern, "--out", str(args.out),
+                   "--sparsellm-options", args.sparsellm_options, "--tag", args.tag]
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
             tqdm.write(f"{method} {pattern} failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}")

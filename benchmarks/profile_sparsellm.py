@@ -16,9 +16,8 @@ import argparse
 import cProfile
 import pstats
 import time
-from typing import Any
 
-from benchmarks.common import metadata, write_json
+from benchmarks.common import metadata, parse_options, write_json
 
 #: coordinator parts: (label, module file suffix, function name)
 PARTS = [
@@ -31,24 +30,6 @@ PARTS = [
     ("one-shot start", "sequential.py", "layerwise"),
     ("dense auxiliaries", "coordinator.py", "__init__"),
 ]
-
-
-def parse_options(text: str) -> dict[str, Any]:
-    """``"iterations=2,prox=global"`` -> ``{"iterations": 2, "prox": "global"}`` (ints, floats, booleans)."""
-    options: dict[str, Any] = {}
-    for pair in filter(None, text.split(",")):
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise SystemExit(f"variant option {pair!r} is not key=value; write e.g. iterations=2,prox=global")
-        for cast in (int, float):
-            try:
-                options[key] = cast(value)
-                break
-            except ValueError:
-                continue
-        else:
-            options[key] = {"true": True, "false": False}.get(value.lower(), value)
-    return options
 
 
 def main() -> None:
