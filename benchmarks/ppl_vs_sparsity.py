@@ -3,6 +3,7 @@
     python -m benchmarks.ppl_vs_sparsity                          # the whole P1 grid, full-model scope
     python -m benchmarks.ppl_vs_sparsity --scope first-half       # the SparseLLM paper's setting
     python -m benchmarks.ppl_vs_sparsity --methods sparsegpt --patterns 0.7,2:4
+    OMP_NUM_THREADS=1 python -m benchmarks.ppl_vs_sparsity --jobs 2     # two runs at a time, one thread each
     python -m benchmarks.ppl_vs_sparsity --profile paper          # P2 (128 x 2048, full test split): a GPU
     python -m benchmarks.ppl_vs_sparsity --methods sparsellm --patterns 0.7 --sparsellm-options alpha=1 --tag alpha1
 
@@ -22,6 +23,7 @@ import math
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -130,6 +132,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=PPL, help="results folder (default benchmarks/results/ppl)")
     parser.add_argument("--sparsellm-options", default="", help="study overrides, e.g. alpha=1,iterations=2 (needs --tag)")
     parser.add_argument("--tag", default="", help="suffix of the run files of a study run")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs at a time, each its own process (set OMP_NUM_THREADS so jobs x threads <= cores)")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     methods, patterns = args.methods.split(","), args.patterns.split(",")
@@ -143,14 +147,23 @@ def main() -> None:
     todo = [(m, p) for m in methods for p in patterns
             if not (args.out / f"{run_name(args.profile, args.scope, m, p, args.tag)}.json").exists()]
     print(f"{len(methods) * len(patterns) - len(todo)} runs done, {len(todo)} to go", flush=True)
-    for method, pattern in tqdm(todo, desc="runs", unit="run"):
-        command = [sys.executable, "-m", "benchmarks.ppl_vs_sparsity", "--one", "--model", args.model, "--profile",
-                   args.profile, "--scope", args.scope, "--methods", method, "--patterns", pattern, "--out", str(args.out),
-                   "--sparsellm-options", args.sparsellm_options, "--tag", args.tag]
-        done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode != 0:
-            tqdm.write(f"{method} {pattern} failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}")
+    with ThreadPoolExecutor(max(1, args.jobs)) as pool, tqdm(total=len(todo), desc="runs", unit="run") as bar:
+        futures = [pool.submit(_run, args, method, pattern) for method, pattern in todo]
+        for future in as_completed(futures):
+            if future.result():
+                tqdm.write(future.result())
+            bar.update()
 
+
+def _run(args: argparse.Namespace, method: str, pattern: str) -> str:
+    """One run in its own process; an error line if it failed, else ``""``."""
+    command = [sys.executable, "-m", "benchmarks.ppl_vs_sparsity", "--one", "--model", args.model, "--profile",
+               args.profile, "--scope", args.scope, "--methods", method, "--patterns", pattern, "--out", str(args.out),
+               "--sparsellm-options", args.sparsellm_options, "--tag", args.tag]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode == 0:
+        return ""
+    return f"{method} {pattern} failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}"
 
 if __name__ == "__main__":
     main()

@@ -2,7 +2,8 @@
 
     python -m benchmarks.update_readme
 
-Each table lives between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->`` markers in README.md.
+Each table lives between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->`` markers in README.md (the
+results) or benchmarks/README.md (the SparseLLM study, ``study_tables``).
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ from pathlib import Path
 
 from benchmarks.common import RESULTS
 from benchmarks.plot_ppl import table as ppl_table
+from benchmarks.study_tables import goals_table, layer_table, variant_table
 
 README = Path(__file__).resolve().parent.parent / "README.md"
+STUDY = Path(__file__).resolve().parent / "README.md"
 
 
 def _source(meta: dict) -> str:
@@ -84,13 +87,15 @@ def lm_table() -> str:
 
 
 TABLES = {"optimality-gap": optimality_gap_table, "solvers": solver_table, "mlp": mlp_table, "lm": lm_table,
-          "ppl-full": lambda: ppl_table("p1", "full"), "ppl-first-half": lambda: ppl_table("p1", "first-half")}
+          "ppl-full": lambda: ppl_table("p1", "full"), "ppl-first-half": lambda: ppl_table("p1", "first-half"),
+          "goals-full": goals_table}
+STUDY_TABLES = {"study-variants": variant_table, "study-goals": goals_table, "study-layers": layer_table}
 
 
-def main() -> None:
-    """Replace every marked block whose JSON exists."""
-    text = README.read_text()
-    for name, build in TABLES.items():
+def fill(path: Path, tables: dict) -> None:
+    """Replace every marked block of ``path`` whose JSON exists."""
+    text = path.read_text()
+    for name, build in tables.items():
         try:
             table = build()
         except FileNotFoundError:
@@ -98,10 +103,16 @@ def main() -> None:
             continue
         pattern = re.compile(rf"(<!-- {name}:begin -->\n).*?(<!-- {name}:end -->)", re.S)
         if not pattern.search(text):
-            raise SystemExit(f"README.md has no <!-- {name}:begin/end --> markers")
+            raise SystemExit(f"{path} has no <!-- {name}:begin/end --> markers")
         text = pattern.sub(lambda m: m.group(1) + table + m.group(2), text)
-    README.write_text(text)
-    print(f"updated {README}")
+    path.write_text(text)
+    print(f"updated {path}")
+
+
+def main() -> None:
+    """Fill the README's and the study's tables."""
+    fill(README, TABLES)
+    fill(STUDY, STUDY_TABLES)
 
 
 if __name__ == "__main__":

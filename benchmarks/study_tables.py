@@ -1,0 +1,94 @@
+"""The SparseLLM study's tables for benchmarks/README.md, from the results JSON (never edited by hand).
+
+    python -m benchmarks.update_readme     # fills these and the README's tables
+
+- ``variant_table``: every ``results/study_*.json`` (``profile_sparsellm`` runs on one decoder layer):
+  seconds and the FFN's relative reconstruction error after each coordinator iteration, per variant.
+- ``goals_table``: sparsellm against sparsegpt on the P1 grid, pattern by pattern (perplexity change,
+  prune-time ratio), with the study runs (``--tag``) alongside.
+- ``layer_table``: the FFN error of every decoder layer in the sparsellm runs, its sparsegpt start
+  (on the same inputs) -> the coordinator's result: which layers gain and which do not.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from benchmarks.common import RESULTS
+from benchmarks.ppl_vs_sparsity import PATTERNS, PPL, run_name
+
+
+def _threads(meta: dict) -> str:
+    m = meta["machine"]
+    load = m.get("load_average_1m")
+    return f"{m['torch_threads']} thr" + (f", load {load:.1f}" if load is not None else "")
+
+
+def variant_table(folder: Path = RESULTS) -> str:
+    """One row per variant of every layer study: options, seconds (ratio to sparsegpt), error per iteration."""
+    studies = sorted(folder.glob("study_*.json"))
+    if not studies:
+        raise FileNotFoundError("study_*.json")
+    lines = ["| layer, pattern, calibration | variant | options | seconds (forward) | solves x sparsegpt "
+             "| FFN error: start -> after each iteration |", "|---|---|---|---:|---:|---|"]
+    commands = []
+    for path in studies:
+        data = json.loads(path.read_text())
+        s, rows = data["settings"], data["rows"]
+        where = f"{s['layer']}, {s['sparsity']}, {s['nsamples']} x {s['seq_len']}"
+        base = rows["sparsegpt"]["solve"]
+        for name, row in rows.items():
+            ffn = row["ffn"]
+            errors = " -> ".join(f"{e:.4f}" for e in [ffn["start_relative_error"], *ffn.get("iteration_errors", [])])
+            options = ", ".join(f"{k}={v}" for k, v in (row["options"] or {}).items()) or "-"
+            lines.append(f"| {where} | {name} | {options} | {row['seconds']:.1f} ({row['forward']:.1f}) "
+                         f"| {row['solve'] / base:.1f}x | {errors} |")
+        commands.append(f"`{data['meta']['command']}` ({path.name}, commit `{data['meta']['commit'][:12]}`, "
+                        f"{_threads(data['meta'])})")
+    return "\n".join(lines) + "\n\n_Sources: " + "; ".join(commands) + "._\n"
+
+
+def _runs(profile: str, scope: str, method: str, folder: Path) -> dict[str, dict]:
+    """Runs of ``method`` by file stem suffix (pattern, or pattern_tag for study runs)."""
+    prefix = run_name(profile, scope, method, "")
+    return {p.stem[len(prefix):]: json.loads(p.read_text()) for p in sorted(folder.glob(f"{prefix}*.json"))}
+
+
+def goals_table(profile: str = "p1", scope: str = "full", folder: Path = PPL) -> str:
+    """sparsellm vs sparsegpt per pattern: wiki / PTB perplexity, change, prune seconds and their ratio."""
+    ours, theirs = _runs(profile, scope, "sparsellm", folder), _runs(profile, scope, "sparsegpt", folder)
+    if not ours:
+        raise FileNotFoundError(f"no {profile} {scope} sparsellm runs")
+    lines = ["| pattern (run) | sparsegpt wiki / PTB | sparsellm wiki / PTB | change wiki / PTB | prune s: sparsegpt / sparsellm (ratio) |",
+             "|---|---:|---:|---:|---:|"]
+    order = {run_name("", "", "", p).strip("_"): i for i, p in enumerate(PATTERNS)}
+    for key in sorted(ours, key=lambda k: (order.get(k.split("_")[0], 99), k)):
+        run, ref = ours[key], theirs.get(key.split("_")[0])
+        if ref is None or run["perplexity"] is None or ref["perplexity"] is None:
+            continue
+        corpora = list(ref["perplexity"])
+        ppl = lambda r: " / ".join(f"{r['perplexity'][c]:.1f}" for c in corpora)  # noqa: E731
+        change = " / ".join(f"{run['perplexity'][c] / ref['perplexity'][c] - 1:+.0%}" for c in corpora)
+        a, b = ref["seconds"]["prune"], run["seconds"]["prune"]
+        lines.append(f"| {run['pattern']} ({key}) | {ppl(ref)} | {ppl(run)} | {change} | {a:.0f} ({_threads(ref['meta'])}) / "
+                     f"{b:.0f} ({_threads(run['meta'])}) ({b / a:.1f}x) |")
+    options = sorted({json.dumps(r.get("sparsellm_options")) for r in ours.values()})
+    return "\n".join(lines) + f"\n\n_sparsellm options of these runs: {', '.join(options)}._\n"
+
+
+def layer_table(profile: str = "p1", scope: str = "full", folder: Path = PPL) -> str:
+    """Per decoder layer and sparsellm run: FFN relative error of the sparsegpt start -> sparsellm."""
+    ours = {k: r for k, r in _runs(profile, scope, "sparsellm", folder).items() if r.get("ffn_relative_error")}
+    if not ours:
+        raise FileNotFoundError(f"no {profile} {scope} sparsellm runs")
+    keys = list(ours)
+    layers = sorted({int(layer) for r in ours.values() for layer in r["ffn_relative_error"]})
+    lines = ["| layer | " + " | ".join(keys) + " |", "|---:|" + "---:|" * len(keys)]
+    for layer in layers:
+        cells = []
+        for key in keys:
+            ffn = ours[key]["ffn_relative_error"].get(str(layer))
+            cells.append("" if ffn is None else f"{ffn['start_relative_error']:.3f} -> {ffn['relative_error']:.3f}")
+        lines.append(f"| {layer} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
