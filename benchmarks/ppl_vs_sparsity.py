@@ -92,6 +92,7 @@ def one(model_name: str, profile_name: str, scope: str, method: str, pattern: st
     from sparsesolve.patterns import parse_pattern
 
     profile = PROFILES[profile_name]
+    meta = metadata("benchmarks.ppl_vs_sparsity", 0)  # the commit and load when the run starts
     model, tokenizer = load_model(model_name)
     windows = calibration_windows(corpus_tokens(tokenizer, profile.calib, "train"), profile.nsamples, profile.seq_len, seed=0)
     started = time.perf_counter()
@@ -110,8 +111,8 @@ def one(model_name: str, profile_name: str, scope: str, method: str, pattern: st
         masks = [result.masks[name] for name in record["linears"]]
         layer_sparsity[str(record["layer"])] = sum(int((~m).sum()) for m in masks) / sum(m.numel() for m in masks)
     write_json(run_name(profile_name, scope, method, pattern, tag), {
-        "meta": metadata("benchmarks.ppl_vs_sparsity", 0), "model": model_name, "profile": profile_name,
-        "scope": scope, "method": method, "pattern": pattern, "calibration": vars(profile) | {"seed": 0},
+        "meta": meta, "model": model_name, "profile": profile_name, "scope": scope, "method": method,
+        "pattern": pattern, "calibration": vars(profile) | {"seed": 0},
         "sparsellm_options": options, "tag": tag,
         "perplexity": ppl, "nonfinite": nonfinite, "sparsity": result.sparsity, "layer_sparsity": layer_sparsity,
         "escalations": result.escalations,

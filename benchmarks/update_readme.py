@@ -38,17 +38,17 @@ def optimality_gap_table() -> str:
 
 
 def solver_table() -> str:
-    """Seconds and relative error per layer shape, pattern and solver (every ``bench_solvers*.json``)."""
+    """Seconds and relative error per layer (real or synthetic), pattern and solver (every ``bench_solvers*.json``)."""
     runs = [json.loads(path.read_text()) for path in sorted(RESULTS.glob("bench_solvers*.json"))]
     if not runs:
         raise FileNotFoundError("bench_solvers*.json")
-    rows = [r for run in runs for r in run["rows"]]
+    rows = [r | {"layer": r.get("layer", "synthetic")} for run in runs for r in run["rows"]]
     solvers = list(dict.fromkeys(r["solver"] for r in rows))
-    lines = ["| shape (out x in) | pattern | " + " | ".join(solvers) + " |", "|---|---|" + "---:|" * len(solvers)]
-    for shape, pattern in dict.fromkeys((tuple(r["shape"]), r["pattern"]) for r in rows):
-        cells = {r["solver"]: r for r in rows if tuple(r["shape"]) == shape and r["pattern"] == pattern}
+    lines = ["| layer | shape (out x in) | pattern | " + " | ".join(solvers) + " |", "|---|---|---|" + "---:|" * len(solvers)]
+    for layer, shape, pattern in dict.fromkeys((r["layer"], tuple(r["shape"]), r["pattern"]) for r in rows):
+        cells = {r["solver"]: r for r in rows if (r["layer"], tuple(r["shape"]), r["pattern"]) == (layer, shape, pattern)}
         row = [f"{cells[s]['relative_error']:.4f} ({cells[s]['seconds']:.2f} s)" if s in cells else "" for s in solvers]
-        lines.append(f"| {shape[0]} x {shape[1]} | {pattern} | " + " | ".join(row) + " |")
+        lines.append(f"| {layer} | {shape[0]} x {shape[1]} | {pattern} | " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n" + "".join(_source(run["meta"]) for run in runs)
 
 

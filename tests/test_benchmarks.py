@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 
+import torch
 from tiny_lm import save_tiny, tiny_tokenizer
 
-from benchmarks import plot_ppl, ppl_vs_sparsity
+from benchmarks import bench_solvers, plot_ppl, ppl_vs_sparsity, study_tables
 from sparsesolve.data import load_text
 
 
@@ -27,3 +28,20 @@ def test_runner_records_a_run_and_the_table_and_plot_read_it(tmp_path) -> None:
     study = json.loads((results / "smoke_full_sparsellm_2-4_alpha1.json").read_text())
     assert study["sparsellm_options"]["alpha"] == 1.0 and study["sparsellm_options"]["iterations"] == 1
     assert "| sparsellm |" not in plot_ppl.table("smoke", "full", results)
+    goals = study_tables.goals_table("smoke", "full", results)
+    assert "| 2:4 (2-4_alpha1) |" in goals and f"{study['perplexity']['wiki']:.1f}" in goals
+    assert study_tables.layer_table("smoke", "full", results).count("->") == 2  # two decoder layers, one run
+
+
+def test_solver_benchmark_on_real_layers(tmp_path) -> None:
+    """The real-layer problems are the model's own weights with the Gram of each linear's inputs (the
+    attention projections share theirs); an exact refit on the magnitude mask is never worse than it."""
+    model = save_tiny(tmp_path / "tiny", "llama", tiny_tokenizer(load_text("wiki", "train")[:50_000]))
+    problems = bench_solvers.real_problems(str(model), 1, 2, 64)
+    grams = {name.rsplit(".", 1)[-1]: gram for name, _, gram in problems}
+    assert set(grams) == {"q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "gate_proj", "down_proj"}
+    assert torch.equal(grams["q_proj"], grams["v_proj"]) and torch.equal(grams["up_proj"], grams["gate_proj"])
+    assert all(torch.allclose(g, g.T) and torch.linalg.eigvalsh(g.double()).min() > -1e-6 * g.diag().max() for g in grams.values())
+    rows = bench_solvers.run(problems[-1:], ["0.5"], repeats=1)
+    error = {r["solver"]: r["relative_error"] for r in rows}
+    assert error["refit(magnitude mask)"] <= error["magnitude"] + 1e-9 and error["sparsegpt"] < error["magnitude"]
