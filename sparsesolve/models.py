@@ -111,6 +111,10 @@ def load_model(
             f"cannot load model {name!r}: not a bundled model ({', '.join(BUNDLED)}), not a local folder, "
             f"and the hub did not answer ({str(error).splitlines()[0]})"
         ) from None
+    if isinstance(source, Path):
+        from sparsesolve.retrain.slorb import load_slorb
+
+        load_slorb(model, source)  # a retrained model's SLoRB terms, saved alongside its weights
     return model.to(device).eval(), tokenizer
 
 

@@ -12,10 +12,15 @@ which is exact when the inputs are constant within each block (``sum_t W_it (1 -
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+from safetensors import safe_open
 from torch import nn
 
-__all__ = ["SLoRB"]
+__all__ = ["SLORB_FILE", "SLoRB", "WithSLoRB", "attach_slorb", "load_slorb"]
+
+SLORB_FILE = "slorb.safetensors"  # saved next to a retrained model's weights; metadata "k" = block size
 
 
 class SLoRB(nn.Module):
@@ -47,3 +52,45 @@ class SLoRB(nn.Module):
     def parameter_count(self) -> int:
         """Extra parameters (``S``, and ``P`` when trainable)."""
         return sum(p.numel() for p in self.parameters())
+
+
+class WithSLoRB(nn.Module):
+    """A trained linear module plus its SLoRB term: ``module(x) + slorb(x)`` (how sparsesolve loads it)."""
+
+    def __init__(self, module: nn.Module, slorb: SLoRB) -> None:
+        super().__init__()
+        self.module, self.slorb = module, slorb
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``module(x) + (P x) S^T``."""
+        return self.module(x) + self.slorb(x)
+
+
+def attach_slorb(model: nn.Module, state: dict[str, torch.Tensor], k: int) -> int:
+    """Wrap every module named in ``state`` (``NAME.scale`` and optional ``NAME.projection``, as saved in
+    ``slorb.safetensors``) with its SLoRB term; returns how many were attached."""
+    names = sorted({key.rsplit(".", 1)[0] for key in state})
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        module = getattr(parent, child)
+        scale = state[f"{name}.scale"]
+        slorb = SLoRB(torch.zeros(scale.shape[0], scale.shape[1] * k), torch.ones(scale.shape[0], scale.shape[1] * k,
+                      dtype=torch.bool), k, trainable_projection=f"{name}.projection" in state)
+        slorb.load_state_dict({key.rsplit(".", 1)[1]: value for key, value in state.items()
+                               if key.rsplit(".", 1)[0] == name})
+        setattr(parent, child, WithSLoRB(module, slorb.to(module.weight.dtype)))
+    return len(names)
+
+
+def load_slorb(model: nn.Module, folder: str | Path) -> int:
+    """Attach the SLoRB terms saved in ``FOLDER/slorb.safetensors`` (if any); returns how many."""
+    path = Path(folder) / SLORB_FILE
+    if not path.exists():
+        return 0
+    with safe_open(str(path), framework="pt") as f:
+        k = int((f.metadata() or {}).get("k", 0))
+        state = {key: f.get_tensor(key) for key in f.keys()}
+    if k < 1:
+        raise ValueError(f"{path} has no block size k in its metadata: re-save it with sparsesolve retrain")
+    return attach_slorb(model, state, k)

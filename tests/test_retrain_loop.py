@@ -1,0 +1,102 @@
+"""The AST loop on a tiny model: loss goes down, exact 2:4 output, SLoRB round trip, resume, warm start."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny_lm import save_tiny, tiny_tokenizer
+
+from sparsesolve.data import load_text
+from sparsesolve.models import load_model
+from sparsesolve.patterns import NM
+from sparsesolve.retrain import RetrainConfig, loop, retrain, sparse_student
+
+FAST = dict(seq_len=32, batch_size=4, lr=3e-3, eval_every=10, eval_windows=2, mask_interval=5)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("retrain")
+    return save_tiny(folder / "tiny", "llama", tiny_tokenizer(load_text("wiki", "train")[:50_000]))
+
+
+def _run(tiny: Path, out: Path, config: RetrainConfig, from_dir: Path | None = None, **kwargs) -> dict:
+    teacher, tokenizer = load_model(str(tiny))
+    student, _ = load_model(str(from_dir or tiny))
+    layers = sparse_student(student, teacher, from_dir, slorb_k=kwargs.pop("slorb_k", None),
+                            pruned=kwargs.pop("pruned", "zero"))
+    return retrain(student, teacher, tokenizer, layers, config, out, progress=False, **kwargs)
+
+
+def test_short_run_lowers_the_loss_and_saves_an_exact_two_four_model_with_slorb(tiny: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ast"
+    report = _run(tiny, out, RetrainConfig(tokens=40 * 4 * 32, **FAST), slorb_k=16)
+    losses = [e["loss"] for e in report["log"]]
+    assert sum(losses[-5:]) < sum(losses[:5])
+    assert all(0 <= e["flip_rate"] <= 1 for e in report["log"] if "flip_rate" in e)
+    assert sum("flip_rate" in e for e in report["log"]) == 8 and "wiki_validation_ppl" in report["log"][-1]
+    masks = load_file(str(out / "masks.safetensors"))
+    model, _ = load_model(str(out))  # attaches the SLoRB terms saved alongside
+    modules = dict(model.named_modules())
+    for name, mask in masks.items():
+        weight = modules[name].module.weight  # WithSLoRB(module, slorb)
+        NM(2, 4).check_mask(mask)
+        assert not ((weight != 0) & ~mask).any()
+    assert report["slorb_parameters"] == sum(m.shape[0] * m.shape[1] // 16 for m in masks.values())
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["steps"] == 40 and len(saved["log"]) == 40
+
+
+def test_resume_continues_exactly(tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = RetrainConfig(tokens=12 * 4 * 32, checkpoint_every=6, **FAST)
+    straight = _run(tiny, tmp_path / "a", config)
+    real_batch = loop.train_batch
+
+    def interrupted(tokens, step, *args):
+        if step == 8:
+            raise KeyboardInterrupt
+        return real_batch(tokens, step, *args)
+
+    monkeypatch.setattr(loop, "train_batch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tiny, tmp_path / "b", config)
+    monkeypatch.setattr(loop, "train_batch", real_batch)
+    with pytest.raises(ValueError, match="--resume"):
+        _run(tiny, tmp_path / "b", config)
+    resumed = _run(tiny, tmp_path / "b", config, resume=True)
+    assert resumed["resumed_at"] == 6 and [e["loss"] for e in resumed["log"]] == [e["loss"] for e in straight["log"]]
+    a, b = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_warm_start_keeps_the_one_shot_weights_and_mask(tiny: Path, tmp_path: Path) -> None:
+    """From a prune output folder: kept weights are the one-shot ones, the mask is held for the fixed phase,
+    and ``pruned='dense'`` puts the teacher's values back at pruned positions."""
+    from sparsesolve import prune
+    from sparsesolve.data import calibration_windows, corpus_tokens
+    from sparsesolve.output import OutputFolder
+
+    model, tokenizer = load_model(str(tiny))
+    windows = calibration_windows(corpus_tokens(tokenizer, "wiki", "train"), 4, 32)
+    result = prune(model, windows, method="sparsegpt", pattern="2:4", progress=False)
+    one_shot = tmp_path / "one-shot"
+    folder = OutputFolder(one_shot)
+    folder.begin()
+    folder.commit(model, tokenizer, result.masks, {})
+    teacher, _ = load_model(str(tiny))
+    student, _ = load_model(str(one_shot))
+    layers = sparse_student(student, teacher, one_shot, pruned="dense")
+    name = next(iter(layers))
+    dense, pruned = dict(teacher.named_modules())[name].weight, dict(model.named_modules())[name].weight
+    w, keep = layers[name].weight_out_in().detach(), result.masks[name]
+    assert torch.equal(layers[name].mask, keep)
+    assert torch.equal(w[keep], pruned[keep]) and torch.equal(w[~keep], dense[~keep])
+    report = _run(tiny, tmp_path / "warm", RetrainConfig(tokens=10 * 4 * 32, fixed_mask_steps=10, **FAST), from_dir=one_shot)
+    assert not any("flip_rate" in e for e in report["log"])
+    assert torch.equal(load_file(str(tmp_path / "warm" / "masks.safetensors"))[name], result.masks[name])
+    with pytest.raises(ValueError, match="masks.safetensors"):
+        sparse_student(load_model(str(tiny))[0], teacher, tiny)
