@@ -1,4 +1,4 @@
-"""The ``sparsesolve`` command: ``prune`` a language model and ``eval`` its perplexity.
+"""The ``sparsesolve`` command: ``prune`` a language model, ``eval`` its perplexity, ``retrain`` it (AST).
 
 Bad input (unknown model, method, pattern or corpus, a sparsity outside [0, 1), a pattern that does
 not fit a layer, a corpus too short for one window, a window longer than the model's context, an
@@ -24,6 +24,7 @@ from sparsesolve.evaluate import check_seq_len, perplexity
 from sparsesolve.models import BUNDLED, load_model
 from sparsesolve.output import OutputFolder
 from sparsesolve.patterns import parse_pattern
+from sparsesolve.retrain.command import add_retrain_parser, run_retrain
 from sparsesolve.solvers import SOLVERS
 
 __all__ = ["main", "build_parser"]
@@ -90,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--model", required=True, help="bundled name, local folder (e.g. a pruned --out) or hub id")
     evaluate.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_eval_options(evaluate, "wiki,ptb")
+    add_retrain_parser(commands)
     return parser
 
 
@@ -187,7 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         hf_logging.disable_progress_bar()
     try:
-        return _prune(args) if args.command == "prune" else _eval(args)
+        return {"prune": _prune, "eval": _eval, "retrain": run_retrain}[args.command](args)
     except (ValueError, FileNotFoundError, FileExistsError) as error:
         print(f"sparsesolve: error: {str(error).splitlines()[0] if str(error) else type(error).__name__}", file=sys.stderr)
         return 2

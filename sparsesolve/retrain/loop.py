@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,35 +49,42 @@ __all__ = ["RetrainConfig", "retrain", "train_batch", "unwrap"]
 DEFAULT_LAMBDA = {"gradient": 6e-5, "update": 1e-4}  # the paper's lambda_max for the two decay forms
 
 
+def _option(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class RetrainConfig:
-    """Hyperparameters of one retraining run (defaults: the paper's GPT-2 recipe scaled to a CPU budget)."""
+    """Hyperparameters of one retraining run: the paper's GPT-2 recipe, scaled to a CPU budget.
 
-    tokens: int = 1_000_000          # training tokens seen (all ranks together)
-    seq_len: int = 256
-    batch_size: int = 8              # sequences per optimiser step, all ranks and micro-batches together
-    grad_accum: int = 1              # micro-batches per step on each rank
-    lr: float = 2e-4
-    min_lr_ratio: float = 0.1        # cosine decays to lr * min_lr_ratio
-    warmup: float = 0.05             # fraction of the steps with linear warmup
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    mask_interval: int = 10          # steps between mask refreshes (the paper's delta t)
-    fixed_mask_steps: int = 0        # keep the starting (one-shot) mask this many steps
-    fixed_mask: bool = False         # never refresh the mask
-    decay: str = "gradient"          # masked decay form: "gradient" or "update"
-    lambda_max: float | None = None  # None: DEFAULT_LAMBDA[decay]
-    decay_warmup: float = 0.25       # fraction of the steps over which lambda ramps up (T0)
-    distill: bool = True
-    alpha_kd: float = 0.67
-    temperature: float = 2.0
-    dtype: str = "float32"           # "bfloat16": autocast of the forward passes (master weights stay float32)
-    eval_every: int = 50
-    eval_windows: int = 16
-    checkpoint_every: int = 50
-    seed: int = 0
+    Every field is a ``sparsesolve retrain`` option (``--seq-len`` for ``seq_len``) with this help text.
+    """
+
+    tokens: int = _option(1_000_000, "training tokens seen, all ranks together")
+    seq_len: int = _option(256, "tokens per training window")
+    batch_size: int = _option(8, "windows per optimiser step, all ranks and micro-batches together")
+    grad_accum: int = _option(1, "micro-batches per step on each rank")
+    lr: float = _option(2e-4, "peak learning rate (the paper's GPT-2 run)")
+    min_lr_ratio: float = _option(0.1, "the cosine ends at lr x this")
+    warmup: float = _option(0.05, "fraction of the steps with linear warmup")
+    weight_decay: float = _option(0.1, "AdamW weight decay of the matrices")
+    beta1: float = _option(0.9, "AdamW beta1")
+    beta2: float = _option(0.95, "AdamW beta2")
+    grad_clip: float = _option(1.0, "gradient norm clip")
+    mask_interval: int = _option(10, "steps between mask refreshes (the paper's delta t)")
+    fixed_mask_steps: int = _option(0, "keep the starting (one-shot) mask this many steps")
+    fixed_mask: bool = _option(False, "never refresh the mask")
+    decay: str = _option("gradient", "masked decay form: gradient (added to the gradient) or update (to the Adam update)")
+    lambda_max: float | None = _option(None, "final masked decay; default 6e-5 (gradient form) or 1e-4 (update form)")
+    decay_warmup: float = _option(0.25, "fraction of the steps over which the decay ramps up (T0)")
+    distill: bool = _option(True, "distil from the dense teacher (else the language-model loss alone)")
+    alpha_kd: float = _option(0.67, "weight of the distillation term")
+    temperature: float = _option(2.0, "distillation temperature")
+    dtype: str = _option("float32", "float32, or bfloat16 (autocast forward passes; master weights stay float32)")
+    eval_every: int = _option(50, "steps between wiki validation perplexities")
+    eval_windows: int = _option(16, "validation windows of seq_len tokens")
+    checkpoint_every: int = _option(50, "steps between checkpoints (--resume continues from the last)")
+    seed: int = _option(0, "seed of the training windows")
 
     @property
     def steps(self) -> int:
