@@ -45,3 +45,24 @@ def test_solver_benchmark_on_real_layers(tmp_path) -> None:
     rows = bench_solvers.run(problems[-1:], ["0.5"], repeats=1)
     error = {r["solver"]: r["relative_error"] for r in rows}
     assert error["refit(magnitude mask)"] <= error["magnitude"] + 1e-9 and error["sparsegpt"] < error["magnitude"]
+
+
+def test_ast_benchmark_smoke(tmp_path, monkeypatch) -> None:
+    """Every run of the AST benchmark on a tiny model: one JSON each with its curve from step 0, and the plot."""
+    import sys
+
+    from benchmarks import bench_ast
+
+    model = save_tiny(tmp_path / "tiny", "llama", tiny_tokenizer(load_text("wiki", "train")[:50_000]))
+    out = tmp_path / "ast"
+    monkeypatch.setattr(sys, "argv", ["bench_ast", "--model", str(model), "--tokens", "256", "--seq-len", "32",
+                                      "--batch-size", "4", "--eval-every", "1", "--fixed-mask-steps", "1", "--nsamples", "2",
+                                      "--eval-windows", "1", "--test-seq-len", "64", "--work", str(tmp_path / "work"),
+                                      "--out", str(out), "--runs", "magnitude,sparsegpt,sparsegpt-no-kd,sparsegpt-no-slorb"])
+    bench_ast.main()
+    runs = {p.stem: json.loads(p.read_text()) for p in out.glob("*.json")}
+    assert set(runs) == {"dense", "magnitude", "sparsegpt", "sparsegpt-no-kd", "sparsegpt-no-slorb"}
+    assert runs["sparsegpt"]["log"][0]["tokens"] == 0 and runs["sparsegpt"]["slorb_parameters"] > 0
+    assert runs["sparsegpt-no-slorb"]["slorb_parameters"] == 0 and runs["sparsegpt-no-kd"]["config"]["distill"] is False
+    assert all(r["log"][-1]["tokens"] == 256 for name, r in runs.items() if name != "dense")
+    assert (tmp_path / "ast_ppl_vs_tokens.png").exists()

@@ -12,7 +12,7 @@ Per optimiser step ``s`` (of ``tokens // (batch_size * seq_len)``):
    it), the AdamW step with linear warmup then cosine decay to ``min_lr_ratio * lr``;
 4. every ``mask_interval`` steps after ``fixed_mask_steps``: masks re-selected from the dense
    magnitudes (N:M), the flip rate logged;
-5. every ``eval_every`` steps: perplexity on the wiki validation split; every ``checkpoint_every``
+5. before the first step and every ``eval_every`` steps: perplexity on the wiki validation split; every ``checkpoint_every``
    steps: a checkpoint (model, masks, optimiser, log) that ``resume`` continues exactly.
 
 At the end the master weights are projected onto their masks (exact N:M) and the model is saved as a
@@ -189,6 +189,9 @@ def retrain(student: PreTrainedModel, teacher: PreTrainedModel, tokenizer: PreTr
     sparse = list(layers.values())
     micro = config.batch_size // (world * config.grad_accum)
     started = time.perf_counter()
+    if first == 0:  # the starting point, so every run's curve begins at its one-shot perplexity
+        log.append({"step": 0, "tokens": 0, "wiki_validation_ppl": perplexity(
+            student, "wiki", config.seq_len, config.eval_windows, tokenizer=tokenizer, split="validation", progress=False)})
     bar = tqdm(range(first, config.steps), desc="retrain", unit="step", disable=not progress or rank != 0,
                initial=first, total=config.steps)
     for step in bar:
