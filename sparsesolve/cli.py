@@ -1,4 +1,5 @@
-"""The ``sparsesolve`` command: ``prune`` a language model, ``eval`` its perplexity, ``retrain`` it (AST).
+"""The ``sparsesolve`` command: ``prune`` a language model, ``eval`` its perplexity, ``retrain`` it (AST),
+``export`` it compressed.
 
 Bad input (unknown model, method, pattern or corpus, a sparsity outside [0, 1), a pattern that does
 not fit a layer, a corpus too short for one window, a window longer than the model's context, an
@@ -21,6 +22,7 @@ from sparsesolve.data import CORPORA, calibration_windows, corpus_tokens
 from sparsesolve.decoder import check_prunable, prune_decoder
 from sparsesolve.environment import environment, peak_memory_mb
 from sparsesolve.evaluate import check_seq_len, perplexity
+from sparsesolve.export import export_compressed
 from sparsesolve.models import BUNDLED, load_model
 from sparsesolve.output import OutputFolder
 from sparsesolve.patterns import parse_pattern
@@ -92,6 +94,17 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_eval_options(evaluate, "wiki,ptb")
     add_retrain_parser(commands)
+
+    export = commands.add_parser("export", help="write a pruned model folder in a compressed format")
+    export.add_argument("--model", required=True, help="a sparsesolve prune or retrain output folder")
+    export.add_argument("--format", choices=["compressed"], default="compressed",
+                        help="compressed: kept values plus a packed bitmask or indices per pruned linear (safetensors)")
+    export.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                        help="store every floating tensor in this dtype (default: as saved)")
+    export.add_argument("--out", required=True, help="output folder")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    export.add_argument("--threads", type=int, default=None, help=argparse.SUPPRESS)
+    export.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)
     return parser
 
 
@@ -177,6 +190,15 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    report = export_compressed(args.model, args.out, dtype=DTYPES.get(args.dtype), overwrite=args.overwrite)
+    sizes = report["bytes"]
+    _say(f"saved {args.out}: {sizes['compressed'] / 2**20:.1f} MiB of weights ({report['encodings']['bitmask']} bitmask, "
+         f"{report['encodings']['indices']} index-encoded linears) against {sizes['source_weights'] / 2**20:.1f} MiB "
+         f"saved, {sizes['dense_float16'] / 2**20:.1f} MiB dense float16")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (2 on bad input, 130 on interruption)."""
     parser = build_parser()
@@ -189,7 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         hf_logging.disable_progress_bar()
     try:
-        return {"prune": _prune, "eval": _eval, "retrain": run_retrain}[args.command](args)
+        return {"prune": _prune, "eval": _eval, "retrain": run_retrain, "export": _export}[args.command](args)
     except (ValueError, FileNotFoundError, FileExistsError) as error:
         print(f"sparsesolve: error: {str(error).splitlines()[0] if str(error) else type(error).__name__}", file=sys.stderr)
         return 2

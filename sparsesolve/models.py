@@ -20,6 +20,8 @@ from urllib.parse import urlparse
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from sparsesolve.export import COMPRESSED_FILE, load_compressed
+
 __all__ = ["BUNDLED", "cache_dir", "load_model", "bundled_folder", "context_length"]
 
 
@@ -104,7 +106,10 @@ def load_model(
         _check_hub_reachable(name)
         source = name
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        if isinstance(source, Path) and (source / COMPRESSED_FILE).exists():
+            model = load_compressed(source, dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(source)
     except OSError as error:
         raise ValueError(

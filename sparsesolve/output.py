@@ -82,6 +82,10 @@ class OutputFolder:
             tokenizer.save_pretrained(self.staging)
         save_file({name: mask.contiguous().cpu() for name, mask in masks.items()}, str(self.staging / "masks.safetensors"))
         self.write_json("report.json", report)
+        return self.finish()
+
+    def finish(self) -> Path:
+        """Drop the checkpoints and rename the staging folder into place (replacing an old one)."""
         shutil.rmtree(self.checkpoints, ignore_errors=True)
         (self.staging / "dense.json").unlink(missing_ok=True)
         old = self.path.with_name(self.path.name + ".old")
