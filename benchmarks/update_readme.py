@@ -64,6 +64,22 @@ def mlp_table() -> str:
     return "\n".join(lines) + "\n" + _source(data["meta"])
 
 
+def export_table() -> str:
+    """On-disk bytes of the compressed export against the dense folders, per pattern (``export_sizes.json``)."""
+    data = json.loads((RESULTS / "export_sizes.json").read_text())
+    mib = 2**20
+    lines = ["| pattern | sparsity of the pruned linears | dense float32 | dense float16 | compressed float32 | compressed float16 "
+             "| bit-exact reload |", "|---|---:|---:|---:|---:|---:|---|"]
+    for r in data["rows"]:
+        f32, f16 = r["float32"], r["float16"]
+        lines.append(f"| {r['pattern']} | {r['sparsity']:.3f} | {f32['dense_float32'] / mib:.1f} MiB "
+                     f"| {f32['dense_float16'] / mib:.1f} MiB "
+                     f"| {f32['compressed'] / mib:.1f} MiB ({f32['compressed'] / f32['dense_float32']:.0%}) "
+                     f"| {f16['compressed'] / mib:.1f} MiB ({f16['compressed'] / f16['dense_float16']:.0%}) "
+                     f"| {'yes' if f32['bit_exact'] and f16['bit_exact'] else 'NO'} |")
+    return "\n".join(lines) + "\n" + _source(data["meta"])
+
+
 def lm_table() -> str:
     """One row per recorded ``sparsesolve prune`` run (``results/lm_*.json``)."""
     runs = [json.loads(path.read_text()) for path in sorted(RESULTS.glob("lm_*.json"))]
@@ -88,7 +104,7 @@ def lm_table() -> str:
 
 TABLES = {"optimality-gap": optimality_gap_table, "solvers": solver_table, "mlp": mlp_table, "lm": lm_table,
           "ppl-full": lambda: ppl_table("p1", "full"), "ppl-first-half": lambda: ppl_table("p1", "first-half"),
-          "goals-full": goals_table}
+          "goals-full": goals_table, "export-sizes": export_table}
 STUDY_TABLES = {"study-variants": variant_table, "study-goals": goals_table, "study-layers": layer_table}
 
 
