@@ -26,6 +26,7 @@ from sparsesolve.export import export_compressed
 from sparsesolve.models import BUNDLED, load_model
 from sparsesolve.output import OutputFolder
 from sparsesolve.patterns import parse_pattern
+from sparsesolve.quantize import GroupQuantizer
 from sparsesolve.retrain.command import add_retrain_parser, run_retrain
 from sparsesolve.solvers import SOLVERS
 
@@ -77,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="per-layer solver inside sparsellm and for attention (default sparsegpt)")
     prune.add_argument("--iterations", type=int, default=None, help="sparsellm iterations (default 1 for language models)")
     prune.add_argument("--damp", type=float, default=None, help="relative damping of every solve (default 0.01)")
+    prune.add_argument("--wbits", type=int, default=None,
+                       help="also quantise the kept weights to this many bits (2-8), compensated inside SparseGPT's "
+                            "OBS pass (--method sparsegpt)")
+    prune.add_argument("--groupsize", type=int, default=128, help="inputs per quantisation group (default 128)")
     prune.add_argument("--calib", choices=list(CORPORA), default="wiki", help="calibration corpus (default wiki)")
     prune.add_argument("--nsamples", type=int, default=64, help="calibration windows (default 64)")
     prune.add_argument("--seed", type=int, default=0, help="seed of the calibration windows (default 0)")
@@ -131,6 +136,9 @@ def _prune(args: argparse.Namespace) -> int:
     pattern = parse_pattern(args.pattern if args.pattern is not None else args.sparsity)
     if args.method != "sparsellm" and args.iterations is not None:
         raise ValueError("--iterations applies to --method sparsellm only")
+    if args.wbits is not None and args.method != "sparsegpt":
+        raise ValueError("--wbits (joint quantisation) needs --method sparsegpt, whose OBS pass compensates it")
+    GroupQuantizer(args.wbits or 8, args.groupsize)  # checks the numbers before any work
     out = OutputFolder(args.out, overwrite=args.overwrite, resume=args.resume)
     out.check()
     started = time.perf_counter()
@@ -149,7 +157,9 @@ def _prune(args: argparse.Namespace) -> int:
         out.write_json("dense.json", dense)
     eval_seconds = time.perf_counter() - tick
     sparsellm_options = {"iterations": args.iterations} if args.iterations is not None else {}
-    solver_options = {"damp": args.damp} if args.damp is not None else {}
+    solver_options: dict[str, Any] = {"damp": args.damp} if args.damp is not None else {}
+    if args.wbits is not None:
+        solver_options["quantizer"] = GroupQuantizer(args.wbits, args.groupsize)
     result = prune_decoder(model, calibration, pattern, method=args.method, layers=layers, solver=args.solver,
                            solver_options=solver_options, sparsellm_options=sparsellm_options,
                            storage_dtype=DTYPES.get(args.storage_dtype), device=args.device,
@@ -161,6 +171,7 @@ def _prune(args: argparse.Namespace) -> int:
         "command": "sparsesolve " + " ".join(shlex.quote(a) for a in args.argv),
         "model": args.model, "model_note": BUNDLED[args.model].description if args.model in BUNDLED else None,
         "method": args.method, "pattern": str(pattern), "solver": args.solver, "layers": layers,
+        "quantization": None if args.wbits is None else {"bits": args.wbits, "groupsize": args.groupsize},
         "calibration": {"corpus": args.calib, "windows": args.nsamples, "seq_len": args.seq_len, "seed": args.seed},
         "evaluation": {"seq_len": args.seq_len, "windows": args.eval_windows or "all"},
         "perplexity": {"dense": dense, "pruned": pruned},

@@ -58,6 +58,20 @@ def test_prune_writes_a_complete_reloadable_folder(tiny_folder: Path, tmp_path: 
     assert json.loads((out / "report.json").read_text())["method"] == "magnitude"
 
 
+def test_prune_with_joint_quantisation(tiny_folder: Path, tmp_path: Path) -> None:
+    """--wbits 4: every pruned linear has at most 16 distinct values per row and group of 32 inputs."""
+    out = tmp_path / "quantised"
+    args = prune_args(tiny_folder, out, "--method", "sparsegpt", "--pattern", "2:4", "--wbits", "4", "--groupsize", "32",
+                      "--data", "none")
+    assert main(args) == 0
+    assert json.loads((out / "report.json").read_text())["quantization"] == {"bits": 4, "groupsize": 32}
+    model = AutoModelForCausalLM.from_pretrained(out)
+    for name in load_file(str(out / "masks.safetensors")):
+        weight = model.get_submodule(name).weight.detach()
+        groups = weight.reshape(weight.shape[0], -1, 32)
+        assert max(len(torch.unique(g)) for row in groups for g in row) <= 16
+
+
 @pytest.mark.parametrize(("extra", "message"), [
     (["--sparsity", "1.5"], "sparsity must be in [0, 1)"),
     (["--sparsity", "-0.1"], "sparsity must be in [0, 1)"),
@@ -68,6 +82,8 @@ def test_prune_writes_a_complete_reloadable_folder(tiny_folder: Path, tmp_path: 
     (["--sparsity", "0.5", "--nsamples", "0"], "--nsamples must be >= 1"),
     (["--sparsity", "0.5", "--layers", "9"], "must select layers in 0..5"),
     (["--sparsity", "0.5", "--method", "wanda", "--iterations", "2"], "--iterations applies to --method sparsellm only"),
+    (["--sparsity", "0.5", "--method", "sparsellm", "--wbits", "4"], "--wbits (joint quantisation) needs --method sparsegpt"),
+    (["--sparsity", "0.5", "--method", "sparsegpt", "--wbits", "12"], "wbits must be between 2 and 8"),
 ])
 def test_bad_input_is_one_line_with_nothing_left_behind(tiny_folder: Path, tmp_path: Path, capsys, extra, message) -> None:
     out = tmp_path / "out"
