@@ -7,7 +7,9 @@ Each row's inputs are cut into groups of ``groupsize`` consecutive columns; per 
     q(w)  = scale * (clamp(round(w / scale) + zero, 0, 2^bits - 1) - zero)
 
 so 0 is represented exactly (a pruned weight stays 0) and ``|w - q(w)| <= scale / 2`` for every ``w``
-of the group the parameters were computed on.
+of the group the parameters were computed on. The scale is rounded to a float32 number, so a weight
+computed in float64 and saved in float32 is still exactly ``scale * integer`` (what the compressed
+export recovers and stores as codes).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ class GroupQuantizer:
         hi = group.max(dim=1, keepdim=True).values.clamp_min(0)
         scale = (hi - lo) / self.levels
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row group
+        scale = scale.float().to(scale.dtype)  # float32-representable: q = scale * integer is exact in float32 too
         return scale, torch.round(-lo / scale)
 
     def codes(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ from sparsesolve.export import COMPRESSED_FILE, export_compressed, pack, unpack
 from sparsesolve.models import load_model
 from sparsesolve.output import OutputFolder
 from sparsesolve.patterns import NM, Unstructured
+from sparsesolve.quantize import GroupQuantizer
 
 
 @settings(max_examples=40, deadline=None)
@@ -69,3 +70,37 @@ def test_export_round_trip_of_a_pruned_model(tmp_path: Path, family: str, patter
         export_compressed(pruned, tmp_path / "small")
     with pytest.raises(ValueError, match="masks.safetensors"):
         export_compressed(tiny, tmp_path / "other")
+
+
+@settings(max_examples=30, deadline=None)
+@given(rows=st.integers(1, 7), cols=st.integers(1, 50), bits=st.integers(2, 8), groupsize=st.sampled_from([4, 8, 16]),
+       seed=st.integers(0, 99))
+def test_quantised_values_round_trip_as_grid_codes(rows: int, cols: int, bits: int, groupsize: int, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(rows, cols, generator=g) < 0.5
+    weight = GroupQuantizer(bits, groupsize).round_trip(torch.randn(rows, cols, generator=g)) * mask
+    tensors, encoding = pack(weight, mask, "w", (bits, groupsize))
+    assert torch.equal(unpack(tensors, "w", (rows, cols), encoding, (bits, groupsize)), weight)
+    kept = int(mask.sum())
+    assert tensors["w.codes"].numel() == ((kept + 1) // 2 if bits <= 4 else kept)
+    assert "w.scales" in tensors  # the grid is recovered from float32 values
+    half, encoding = pack(weight.half(), mask, "w", (bits, groupsize))  # not float32: a codebook instead
+    assert "w.codebook" in half and torch.equal(unpack(half, "w", (rows, cols), encoding, (bits, groupsize)), weight.half())
+
+
+def test_export_of_a_jointly_quantised_model_is_exact_and_smaller(tmp_path: Path) -> None:
+    tiny = save_tiny(tmp_path / "tiny", "llama", tiny_tokenizer(load_text("wiki", "train")[:50_000]))
+    model, tokenizer = load_model(str(tiny))
+    windows = calibration_windows(corpus_tokens(tokenizer, "wiki", "train"), 2, 32)
+    result = prune(model, windows, method="sparsegpt", pattern="2:4", progress=False,
+                   solver_options={"quantizer": GroupQuantizer(4, 32)})
+    folder = OutputFolder(tmp_path / "pruned")
+    folder.begin()
+    folder.commit(model, tokenizer, result.masks, {"quantization": {"bits": 4, "groupsize": 32}})
+    report = export_compressed(tmp_path / "pruned", tmp_path / "small")
+    again, _ = load_model(str(tmp_path / "small"))
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in model.state_dict().items())
+    assert report["quantization"] == {"bits": 4, "groupsize": 32}
+    (tmp_path / "pruned" / "report.json").write_text("{}")
+    plain = export_compressed(tmp_path / "pruned", tmp_path / "plain")
+    assert report["bytes"]["compressed"] < plain["bytes"]["compressed"]
