@@ -71,8 +71,10 @@ def goals_table(profile: str = "p1", scope: str = "full", folder: Path = PPL) ->
         ppl = lambda r: " / ".join(f"{r['perplexity'][c]:.1f}" for c in corpora)  # noqa: E731
         change = " / ".join(f"{run['perplexity'][c] / ref['perplexity'][c] - 1:+.0%}" for c in corpora)
         a, b = ref["seconds"]["prune"], run["seconds"]["prune"]
+        same = ref["meta"]["machine"]["torch_threads"] == run["meta"]["machine"]["torch_threads"]
+        ratio = f"{b / a:.1f}x" if same else "threads differ"
         lines.append(f"| {run['pattern']} ({key}) | {ppl(ref)} | {ppl(run)} | {change} | {a:.0f} ({_threads(ref['meta'])}) / "
-                     f"{b:.0f} ({_threads(run['meta'])}) ({b / a:.1f}x) |")
+                     f"{b:.0f} ({_threads(run['meta'])}) ({ratio}) |")
     options = sorted({json.dumps(r.get("sparsellm_options")) for r in ours.values()})
     return "\n".join(lines) + f"\n\n_sparsellm options of these runs: {', '.join(options)}._\n"
 
