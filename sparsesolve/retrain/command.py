@@ -41,6 +41,7 @@ def add_retrain_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--slorb-trainable-projection", action="store_true", help="train SLoRB's block-sum projection")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda (under torchrun: one GPU per rank)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     for item in dataclasses.fields(RetrainConfig):
@@ -63,11 +64,17 @@ def run_retrain(args: argparse.Namespace) -> int:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(config, name)}")
     OutputFolder(args.out, overwrite=args.overwrite, resume=args.resume).check()
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    device = args.device
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda but no CUDA device is visible; use --device cpu")
+    if distributed and device == "cuda":
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)
     if distributed and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     try:
-        teacher, tokenizer = load_model(args.teacher)
-        student, _ = load_model(args.from_dir or args.teacher)
+        teacher, tokenizer = load_model(args.teacher, device=device)
+        student, _ = load_model(args.from_dir or args.teacher, device=device)
         layers = sparse_student(student, teacher, args.from_dir, pruned=args.pruned, slorb_k=args.slorb or None,
                                 slorb_trainable_projection=args.slorb_trainable_projection)
         report = retrain(student, teacher, tokenizer, layers, config, args.out, resume=args.resume,

@@ -129,7 +129,7 @@ def _loss(student: PreTrainedModel, teacher: PreTrainedModel | None, window: tor
         logits = student(inputs).logits
         if teacher is None:
             ce = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1))
-            return {"loss": ce, "ce": ce, "kl": torch.zeros(())}
+            return {"loss": ce, "ce": ce, "kl": torch.zeros((), device=ce.device)}
         with torch.no_grad():
             teacher_logits = teacher(inputs).logits
     return distillation_loss(logits, teacher_logits, labels, config.temperature, config.alpha_kd)
@@ -188,6 +188,7 @@ def retrain(student: PreTrainedModel, teacher: PreTrainedModel, tokenizer: PreTr
     lambda_max = config.lambda_max if config.lambda_max is not None else DEFAULT_LAMBDA[config.decay]
     sparse = list(layers.values())
     micro = config.batch_size // (world * config.grad_accum)
+    device = next(student.parameters()).device
     started = time.perf_counter()
     if first == 0:  # the starting point, so every run's curve begins at its one-shot perplexity
         log.append({"step": 0, "tokens": 0, "wiki_validation_ppl": perplexity(
@@ -198,7 +199,7 @@ def retrain(student: PreTrainedModel, teacher: PreTrainedModel, tokenizer: PreTr
         lr = config.lr_at(step)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        batch = train_batch(tokens, step, config.batch_size, config.seq_len, config.seed)
+        batch = train_batch(tokens, step, config.batch_size, config.seq_len, config.seed).to(device)
         mine = batch[rank * micro * config.grad_accum:(rank + 1) * micro * config.grad_accum]
         optimizer.zero_grad(set_to_none=True)
         totals = {"loss": 0.0, "ce": 0.0, "kl": 0.0}
@@ -212,7 +213,7 @@ def retrain(student: PreTrainedModel, teacher: PreTrainedModel, tokenizer: PreTr
                 if p.grad is not None:
                     dist.all_reduce(p.grad)
                     p.grad /= world
-            summed = torch.tensor([totals["loss"], totals["ce"], totals["kl"]])
+            summed = torch.tensor([totals["loss"], totals["ce"], totals["kl"]], device=device)
             dist.all_reduce(summed)
             totals = dict(zip(totals, (summed / world).tolist()))
         torch.nn.utils.clip_grad_norm_(params, config.grad_clip)

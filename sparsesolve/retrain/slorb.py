@@ -35,9 +35,9 @@ class SLoRB(nn.Module):
         pruned = (weight.detach() * ~mask).float()
         self.scale = nn.Parameter(pruned.reshape(out_features, in_features // k, k).mean(dim=2))
         if trainable_projection:
-            blocks = torch.arange(in_features) // k
+            blocks = torch.arange(in_features, device=weight.device) // k
             self.projection: nn.Parameter | None = nn.Parameter(
-                (blocks.unsqueeze(0) == torch.arange(in_features // k).unsqueeze(1)).float())
+                (blocks.unsqueeze(0) == torch.arange(in_features // k, device=weight.device).unsqueeze(1)).float())
         else:
             self.projection = None
 
