@@ -110,6 +110,39 @@ def plot(folder: Path = AST, out: Path = RESULTS) -> Path:
     return path
 
 
+def _validation(run: dict[str, Any]) -> list[tuple[int, float]]:
+    return [(e["tokens"], e["wiki_validation_ppl"]) for e in run["log"] if "wiki_validation_ppl" in e]
+
+
+def table(folder: Path = AST) -> str:
+    """The README table: per run its start and final perplexities, the share of the start's gap to the
+    dense model closed (wiki test) and whether its validation curve lies below the paper's start
+    (``magnitude``) at every logged point, i.e. reaches every level with fewer tokens."""
+    runs = {name: json.loads((folder / f"{name}.json").read_text()) for name in RUNS if (folder / f"{name}.json").exists()}
+    if not (folder / "dense.json").exists() or not runs:
+        raise FileNotFoundError(f"no runs in {folder}")
+    dense = json.loads((folder / "dense.json").read_text())
+    paper = dict(_validation(runs["magnitude"])) if "magnitude" in runs else {}
+    lines = ["| run | start | tokens (steps) | wiki validation: step 0 -> end | wiki / PTB test: start -> end "
+             "| wiki gap to dense closed | below the paper's start at every point | time |",
+             "|---|---|---:|---:|---:|---:|---|---:|"]
+    for name, r in runs.items():
+        curve = _validation(r)
+        start, final = r["perplexity"]["start"], r["perplexity"]["final"]
+        closed = (start["wiki"] - final["wiki"]) / (start["wiki"] - dense["wiki"])
+        shared = [(t, v) for t, v in curve if t in paper]
+        below = "-" if name == "magnitude" or not shared else \
+            ("yes" if all(v < paper[t] for t, v in shared if t > 0) else "no")
+        lines.append(f"| {name} | {r['start']}{'' if r['slorb'] else ', no SLoRB'}"
+                     f"{'' if r['config']['distill'] else ', no KD'} | {curve[-1][0]:,} ({r['log'][-1]['step']}) "
+                     f"| {curve[0][1]:.1f} -> {curve[-1][1]:.1f} | {start['wiki']:.1f} / {start['ptb']:.1f} -> "
+                     f"{final['wiki']:.1f} / {final['ptb']:.1f} | {closed:.0%} | {below} | {r['seconds']:.0f} s |")
+    meta = dense["meta"]
+    return "\n".join(lines) + (f"\n\n_Dense: wiki / PTB test {dense['wiki']:.2f} / {dense['ptb']:.2f}, wiki validation "
+                               f"{dense['validation']:.2f}. Source: `{meta['command']}` at commit `{meta['commit'][:12]}`; "
+                               f"{meta['machine']['cpus']} CPUs, {meta['machine']['torch_threads']} torch threads._\n")
+
+
 def main() -> None:
     """Run every missing run, then plot."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

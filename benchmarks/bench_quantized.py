@@ -4,8 +4,9 @@
 
 Each configuration runs ``sparsesolve prune --method sparsegpt --wbits B`` (the quantisation error
 compensated inside the OBS pass; P1 calibration and evaluation), then ``sparsesolve export`` (kept
-values as ``B``-bit codes on their recovered grids plus the packed mask), and records perplexities,
-the export's sizes and the dense float16 size for comparison. The model folders go to ``--work``.
+values as ``B``-bit codes on their recovered grids plus the packed mask; once with the other tensors,
+the embedding among them, in float32 and once in float16), and records perplexities, the exports'
+sizes and the dense float16 size for comparison. A finished prune in ``--work`` is reused. The model folders go to ``--work``.
 Writes ``results/quantized.json``.
 """
 
@@ -18,6 +19,12 @@ from pathlib import Path
 from benchmarks.common import metadata, write_json
 
 CONFIGS = {"2:4 + 4-bit": ("--pattern", "2:4", "4"), "50 % + 8-bit": ("--sparsity", "0.5", "8")}
+
+
+def _done(folder: Path, bits: int, groupsize: int) -> bool:
+    """Whether ``folder`` already holds a finished prune with this quantisation (then it is reused)."""
+    report = folder / "report.json"
+    return report.exists() and json.loads(report.read_text()).get("quantization") == {"bits": bits, "groupsize": groupsize}
 
 
 def main() -> None:
@@ -33,17 +40,20 @@ def main() -> None:
     rows = []
     for label, (flag, value, bits) in CONFIGS.items():
         stem = f"{value.replace(':', '-')}-w{bits}"
-        pruned, small = args.work / stem, args.work / f"{stem}-compressed"
+        pruned, small, half = (args.work / f"{stem}{suffix}" for suffix in ("", "-compressed", "-compressed-fp16"))
         common = ["--model", args.model, "--method", "sparsegpt", flag, value, "--wbits", bits,
                   "--groupsize", str(args.groupsize), "--quiet", "--overwrite"]
-        if cli(["prune", *common, "--out", str(pruned)]) != 0:
+        if not _done(pruned, int(bits), args.groupsize) and cli(["prune", *common, "--out", str(pruned)]) != 0:
             raise SystemExit(f"prune failed for {label}")
-        if cli(["export", "--model", str(pruned), "--out", str(small), "--overwrite"]) != 0:
-            raise SystemExit(f"export failed for {label}")
+        for extra, out in (([], small), (["--dtype", "float16"], half)):
+            if cli(["export", "--model", str(pruned), "--out", str(out), "--overwrite", *extra]) != 0:
+                raise SystemExit(f"export failed for {label}")
         report = json.loads((pruned / "report.json").read_text())
         sizes = json.loads((small / "compression.json").read_text())
+        sizes_half = json.loads((half / "compression.json").read_text())
         rows.append({"config": label, "bits": int(bits), "groupsize": args.groupsize, "pattern": report["pattern"],
                      "perplexity": report["perplexity"], "sparsity": report["sparsity"], "bytes": sizes["bytes"],
+                     "bytes_rest_float16": sizes_half["bytes"]["compressed"],
                      "encodings": sizes["encodings"], "prune_seconds": report["seconds"]["prune"],
                      "calibration": report["calibration"], "evaluation": report["evaluation"]})
     write_json("quantized", {"meta": metadata("benchmarks.bench_quantized", 0), "model": args.model, "rows": rows})

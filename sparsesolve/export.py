@@ -8,7 +8,8 @@ For every pruned linear (``masks.safetensors`` of a ``sparsesolve prune`` or ``r
   ``2^b`` distinct kept values of each row and quantisation group, and ``NAME.codes``, each kept
   value's ``b``-bit index into it (two per byte for ``b <= 4``); or, smaller, the group's grid itself
   (``NAME.scales`` float32 and ``NAME.offsets`` per row and group) when it is recovered bit for bit
-  from the values; and
+  from the values (always from the saved float32 values: with ``dtype`` the codes are the same and the
+  weight is cast to ``dtype`` on load); and
 - ``bitmask``: ``NAME.bitmask``, ``M`` packed 8 inputs per byte (``out x ceil(in / 8)`` uint8), or
 - ``indices``: ``NAME.row_counts`` (kept entries per row) and ``NAME.columns`` (their input indices),
   both int16 when ``in <= 32767`` (else int32), CSR without the prefix sum,
@@ -211,11 +212,12 @@ def export_compressed(model_dir: str | Path, out: str | Path, *, dtype: torch.dt
         value = tensor if dtype is None or not tensor.is_floating_point() else tensor.to(dtype)
         name = key.removesuffix(".weight")
         if key.endswith(".weight") and name in masks:
-            weight = value.T if transposed[name] else value
+            source_weight = tensor if quantization else value  # grid codes are recovered from the saved values
+            weight = source_weight.T if transposed[name] else source_weight
             parts, encoding = pack(weight, masks[name], name, quantization)
             tensors.update(parts)
             encodings[name] = {"encoding": encoding, "shape": list(weight.shape), "transposed": transposed[name],
-                               "quantization": quantization}
+                               "quantization": quantization, "dtype": str(value.dtype).removeprefix("torch.")}
         else:
             tensors[key] = value.contiguous()
     folder.begin()
@@ -252,6 +254,7 @@ def load_compressed(folder: str | Path, dtype: torch.dtype | None = None) -> Pre
     for name, info in encodings.items():
         quantization = None if info.get("quantization") is None else tuple(info["quantization"])
         weight = unpack(tensors, name, tuple(info["shape"]), info["encoding"], quantization)
+        weight = weight.to(getattr(torch, info.get("dtype", str(weight.dtype).removeprefix("torch."))))
         state[f"{name}.weight"] = weight.T.contiguous() if info["transposed"] else weight
     for key, target in aliases.items():
         state[key] = state[target]

@@ -66,3 +66,7 @@ def test_ast_benchmark_smoke(tmp_path, monkeypatch) -> None:
     assert runs["sparsegpt-no-slorb"]["slorb_parameters"] == 0 and runs["sparsegpt-no-kd"]["config"]["distill"] is False
     assert all(r["log"][-1]["tokens"] == 256 for name, r in runs.items() if name != "dense")
     assert (tmp_path / "ast_ppl_vs_tokens.png").exists()
+    rows = bench_ast.table(out).splitlines()[2:6]
+    assert [row.split(" | ")[0].lstrip("| ") for row in rows] == ["magnitude", "sparsegpt", "sparsegpt-no-kd",
+                                                                  "sparsegpt-no-slorb"]
+    assert "no KD" in rows[2] and "no SLoRB" in rows[3] and rows[0].split(" | ")[6] == "-"

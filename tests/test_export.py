@@ -101,6 +101,10 @@ def test_export_of_a_jointly_quantised_model_is_exact_and_smaller(tmp_path: Path
     again, _ = load_model(str(tmp_path / "small"))
     assert all(torch.equal(again.state_dict()[k], v) for k, v in model.state_dict().items())
     assert report["quantization"] == {"bits": 4, "groupsize": 32}
+    half = export_compressed(tmp_path / "pruned", tmp_path / "half", dtype=torch.float16)
+    halved, _ = load_model(str(tmp_path / "half"), dtype=torch.float16)
+    assert all(torch.equal(halved.state_dict()[k], v.half()) for k, v in model.state_dict().items())
+    assert half["bytes"]["compressed"] < report["bytes"]["compressed"]
     (tmp_path / "pruned" / "report.json").write_text("{}")
     plain = export_compressed(tmp_path / "pruned", tmp_path / "plain")
     assert report["bytes"]["compressed"] < plain["bytes"]["compressed"]
