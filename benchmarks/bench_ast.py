@@ -138,8 +138,9 @@ def table(folder: Path = AST) -> str:
                      f"| {curve[0][1]:.1f} -> {curve[-1][1]:.1f} | {start['wiki']:.1f} / {start['ptb']:.1f} -> "
                      f"{final['wiki']:.1f} / {final['ptb']:.1f} | {closed:.0%} | {below} | {r['seconds']:.0f} s |")
     meta = dense["meta"]
+    commits = ", ".join(f"`{c}`" for c in sorted({r["meta"]["commit"][:12] for r in [dense, *runs.values()]}))
     return "\n".join(lines) + (f"\n\n_Dense: wiki / PTB test {dense['wiki']:.2f} / {dense['ptb']:.2f}, wiki validation "
-                               f"{dense['validation']:.2f}. Source: `{meta['command']}` at commit `{meta['commit'][:12]}`; "
+                               f"{dense['validation']:.2f}. Source: `{meta['command']}` at commits {commits}; "
                                f"{meta['machine']['cpus']} CPUs, {meta['machine']['torch_threads']} torch threads._\n")
 
 
