@@ -7,15 +7,21 @@ Each ``--variant NAME OPTIONS`` is a set of ``sparsellm`` options (``key=value``
 numbers and booleans parsed). Writes ``results/OUT.json``: wall time of sparsegpt and of every variant on
 the layer, the FFN's relative reconstruction error after each coordinator iteration (so one run with
 ``iterations=4`` shows every shorter run too) with the seconds of each, and the cumulative time of the
-coordinator's parts (cProfile), so speed work targets the right part.
+coordinator's parts (cProfile), so speed work targets the right part. With ``--heldout N`` it also
+measures each pruned FFN's relative error ``||F(X) - F_hat(X)||^2 / ||F(X)||^2`` (``F`` the dense FFN,
+``X`` its inputs in the pruned model) on the first ``N`` test windows of wiki and of PTB: whether the
+error the coordinator removes on the calibration set is also removed on text it has not seen.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import cProfile
 import pstats
 import time
+
+import torch
 
 from benchmarks.common import metadata, parse_options, write_json
 
@@ -32,6 +38,27 @@ PARTS = [
 ]
 
 
+def heldout_ffn_error(model: torch.nn.Module, dense_ffn: torch.nn.Module, ffn: torch.nn.Module,
+                      windows: torch.Tensor) -> float:
+    """Relative error of the pruned ``ffn`` against ``dense_ffn`` on the inputs ``ffn`` receives when
+    ``model`` runs ``windows`` (``n x seq_len`` token ids), accumulated in float64 over all tokens."""
+    sums = torch.zeros(2, dtype=torch.float64)
+
+    def hook(_module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        target = dense_ffn(inputs[0]).double()
+        sums[0] += (target - output.double()).pow(2).sum()
+        sums[1] += target.pow(2).sum()
+
+    handle = ffn.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            for window in windows:
+                model(window[None])
+    finally:
+        handle.remove()
+    return float(sums[0] / sums[1])
+
+
 def main() -> None:
     """Profile one layer under every variant and write the JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -41,11 +68,13 @@ def main() -> None:
     parser.add_argument("--sparsity", default="0.7", help="pattern: 0.7, 2:4 ...")
     parser.add_argument("--variant", nargs=2, action="append", metavar=("NAME", "OPTIONS"),
                         help="a sparsellm variant: NAME key=value,... (repeatable; default: base iterations=4)")
+    parser.add_argument("--heldout", type=int, default=0,
+                        help="also the FFN error on the first N test windows of wiki and PTB (default 0: off)")
     parser.add_argument("--out", default="profile_sparsellm", help="results/OUT.json")
     args = parser.parse_args()
     variants = {name: parse_options(text) for name, text in (args.variant or [("base", "iterations=4")])}
 
-    from sparsesolve.data import calibration_windows, corpus_tokens
+    from sparsesolve.data import calibration_windows, corpus_tokens, eval_windows
     from sparsesolve.decoder import prune_decoder
     from sparsesolve.models import load_model
     from sparsesolve.patterns import parse_pattern
@@ -53,6 +82,9 @@ def main() -> None:
     model, tokenizer = load_model("smollm2-135m")
     windows = calibration_windows(corpus_tokens(tokenizer, "wiki", "train"), args.nsamples, args.seq_len, 0)
     layers = f"{args.layer}:{args.layer + 1}"
+    heldout = {corpus: eval_windows(corpus_tokens(tokenizer, corpus, "test"), args.seq_len, args.heldout)
+               for corpus in ("wiki", "ptb")} if args.heldout else {}
+    dense_ffn = copy.deepcopy(model.model.layers[args.layer].mlp)
     rows = {}
     for name, options in {"sparsegpt": None, **variants}.items():
         model, _ = load_model("smollm2-135m")
@@ -69,8 +101,12 @@ def main() -> None:
         ffn = result.layers[-1]["ffn"]
         rows[name] = {"options": options, "seconds": time.perf_counter() - started, "forward": result.forward_seconds,
                       "solve": result.solve_seconds, "ffn": ffn, "parts": parts if options is not None else {}}
+        rows[name]["heldout_ffn_error"] = {
+            corpus: heldout_ffn_error(model, dense_ffn, model.model.layers[args.layer].mlp, tokens)
+            for corpus, tokens in heldout.items()}
         print(f"{name}: {rows[name]['seconds']:.1f} s, FFN error {ffn['relative_error']:.5f} "
-              f"(per iteration {[round(e, 5) for e in ffn.get('iteration_errors', [])]})", flush=True)
+              f"(per iteration {[round(e, 5) for e in ffn.get('iteration_errors', [])]}), "
+              f"held out {rows[name]['heldout_ffn_error']}", flush=True)
     write_json(args.out, {"meta": metadata("benchmarks.profile_sparsellm", 0), "settings": vars(args), "rows": rows})
 
 

@@ -6,6 +6,8 @@
   seconds and the FFN's relative reconstruction error after each coordinator iteration, per variant.
 - ``goals_table``: sparsellm against sparsegpt on the P1 grid, pattern by pattern (perplexity change,
   prune-time ratio), with the study runs (``--tag``) alongside.
+- ``heldout_table``: the layer studies run with ``--heldout``: FFN error of sparsegpt -> sparsellm on the
+  calibration set and on held-out wiki and PTB text: whether the coordinator's gain carries over.
 - ``layer_table``: the FFN error of every decoder layer in the sparsellm runs, its sparsegpt start
   (on the same inputs) -> the coordinator's result: which layers gain and which do not.
 """
@@ -47,6 +49,26 @@ def variant_table(folder: Path = RESULTS) -> str:
         commands.append(f"`{data['meta']['command']}` ({path.name}, commit `{data['meta']['commit'][:12]}`, "
                         f"{_threads(data['meta'])})")
     return "\n".join(lines) + "\n\n_Sources: " + "; ".join(commands) + "._\n"
+
+
+def heldout_table(folder: Path = RESULTS) -> str:
+    """Per layer study with held-out errors: sparsegpt -> each sparsellm variant on calibration, wiki, PTB."""
+    studies = [json.loads(p.read_text()) for p in sorted(folder.glob("study_*.json"))]
+    studies = [d for d in studies if d["rows"]["sparsegpt"].get("heldout_ffn_error")]
+    if not studies:
+        raise FileNotFoundError("study_*.json with held-out errors")
+    lines = ["| layer | pattern | variant | calibration | held-out wiki | held-out PTB |", "|---:|---|---|---:|---:|---:|"]
+    for data in sorted(studies, key=lambda d: (d["settings"]["layer"], d["settings"]["sparsity"])):
+        s, ref = data["settings"], data["rows"]["sparsegpt"]
+        before = {"calibration": ref["ffn"]["relative_error"], **ref["heldout_ffn_error"]}
+        for name, row in data["rows"].items():
+            if name == "sparsegpt":
+                continue
+            after = {"calibration": row["ffn"]["relative_error"], **row["heldout_ffn_error"]}
+            cells = [f"{before[k]:.4f} -> {after[k]:.4f} ({after[k] / before[k] - 1:+.0%})"
+                     for k in ("calibration", "wiki", "ptb")]
+            lines.append(f"| {s['layer']} | {s['sparsity']} | {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _runs(profile: str, scope: str, method: str, folder: Path) -> dict[str, dict]:

@@ -15,7 +15,7 @@ from pathlib import Path
 from benchmarks.bench_ast import table as ast_table
 from benchmarks.common import RESULTS
 from benchmarks.plot_ppl import table as ppl_table
-from benchmarks.study_tables import goals_table, layer_table, variant_table
+from benchmarks.study_tables import goals_table, heldout_table, layer_table, variant_table
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 STUDY = Path(__file__).resolve().parent / "README.md"
@@ -122,7 +122,8 @@ TABLES = {"optimality-gap": optimality_gap_table, "solvers": solver_table, "mlp"
           "ppl-full": lambda: ppl_table("p1", "full"), "ppl-first-half": lambda: ppl_table("p1", "first-half"),
           "goals-full": goals_table, "export-sizes": export_table,
           "quantized": quantized_table, "ast": ast_table}
-STUDY_TABLES = {"study-variants": variant_table, "study-goals": goals_table, "study-layers": layer_table}
+STUDY_TABLES = {"study-variants": variant_table, "study-goals": goals_table, "study-layers": layer_table,
+                "study-heldout": heldout_table}
 
 
 def fill(path: Path, tables: dict) -> None:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from tiny_lm import save_tiny, tiny_tokenizer
 
-from benchmarks import bench_solvers, plot_ppl, ppl_vs_sparsity, study_tables
+from benchmarks import bench_solvers, plot_ppl, ppl_vs_sparsity, profile_sparsellm, study_tables
 from sparsesolve.data import load_text
+from sparsesolve.models import load_model
 
 
 def test_runner_records_a_run_and_the_table_and_plot_read_it(tmp_path) -> None:
@@ -47,6 +49,35 @@ def test_solver_benchmark_on_real_layers(tmp_path) -> None:
     assert error["refit(magnitude mask)"] <= error["magnitude"] + 1e-9 and error["sparsegpt"] < error["magnitude"]
 
 
+def test_heldout_ffn_error_matches_a_hand_computation(tmp_path) -> None:
+    """The held-out FFN error is ``||F(X) - F_hat(X)||^2 / ||F(X)||^2`` over every token the pruned FFN sees
+    (X captured separately here), zero for an unpruned FFN, and the hook is removed afterwards."""
+    import copy
+
+    folder = save_tiny(tmp_path / "tiny", "llama", tiny_tokenizer(load_text("wiki", "train")[:50_000]))
+    model, _ = load_model(str(folder))
+    ffn = model.model.layers[1].mlp
+    dense = copy.deepcopy(ffn)
+    windows = torch.randint(0, model.config.vocab_size, (3, 16))
+    assert profile_sparsellm.heldout_ffn_error(model, dense, ffn, windows) == 0.0
+    with torch.no_grad():
+        ffn.down_proj.weight[:, ::2] = 0
+    inputs = []
+    handle = ffn.register_forward_hook(lambda _m, args, _out: inputs.append(args[0].double()))
+    with torch.no_grad():
+        for window in windows:
+            model(window[None])
+    handle.remove()
+    x = torch.cat([i.reshape(-1, i.shape[-1]) for i in inputs])
+    with torch.no_grad():
+        target, pruned = dense.double()(x), copy.deepcopy(ffn).double()(x)
+    expected = float((target - pruned).pow(2).sum() / target.pow(2).sum())
+    dense.float()
+    got = profile_sparsellm.heldout_ffn_error(model, dense, ffn, windows)
+    assert 0 < expected and abs(got - expected) <= 1e-4 * expected
+    assert not ffn._forward_hooks
+
+
 def test_ast_benchmark_smoke(tmp_path, monkeypatch) -> None:
     """Every run of the AST benchmark on a tiny model: one JSON each with its curve from step 0, and the plot."""
     import sys
@@ -70,3 +101,19 @@ def test_ast_benchmark_smoke(tmp_path, monkeypatch) -> None:
     assert [row.split(" | ")[0].lstrip("| ") for row in rows] == ["magnitude", "sparsegpt", "sparsegpt-no-kd",
                                                                   "sparsegpt-no-slorb"]
     assert "no KD" in rows[2] and "no SLoRB" in rows[3] and rows[0].split(" | ")[6] == "-"
+
+
+def test_heldout_table_reports_the_change_per_corpus(tmp_path) -> None:
+    """One row per sparsellm variant of a held-out study, change relative to the sparsegpt row; studies
+    without held-out errors are left out, and none at all is a missing result."""
+    def row(cal: float, wiki: float, ptb: float) -> dict:
+        return {"ffn": {"relative_error": cal}, "heldout_ffn_error": {"wiki": wiki, "ptb": ptb}}
+
+    settings = {"layer": 3, "sparsity": "4:8"}
+    (tmp_path / "study_a.json").write_text(json.dumps({"settings": settings, "rows": {
+        "sparsegpt": row(0.2, 0.4, 0.5), "default": row(0.1, 0.3, 0.55)}}))
+    with pytest.raises(FileNotFoundError):
+        study_tables.heldout_table(tmp_path / "none")
+    table = study_tables.heldout_table(tmp_path)
+    assert "| 3 | 4:8 | default | 0.2000 -> 0.1000 (-50%) | 0.4000 -> 0.3000 (-25%) | 0.5000 -> 0.5500 (+10%) |" in table
+    assert table.count("\n") == 3
