@@ -70,9 +70,8 @@ def test_heldout_ffn_error_matches_a_hand_computation(tmp_path) -> None:
     handle.remove()
     x = torch.cat([i.reshape(-1, i.shape[-1]) for i in inputs])
     with torch.no_grad():
-        target, pruned = dense.double()(x), copy.deepcopy(ffn).double()(x)
+        target, pruned = copy.deepcopy(dense).double()(x), copy.deepcopy(ffn).double()(x)
     expected = float((target - pruned).pow(2).sum() / target.pow(2).sum())
-    dense.float()
     got = profile_sparsellm.heldout_ffn_error(model, dense, ffn, windows)
     assert 0 < expected and abs(got - expected) <= 1e-4 * expected
     assert not ffn._forward_hooks
@@ -112,6 +111,8 @@ def test_heldout_table_reports_the_change_per_corpus(tmp_path) -> None:
     settings = {"layer": 3, "sparsity": "4:8"}
     (tmp_path / "study_a.json").write_text(json.dumps({"settings": settings, "rows": {
         "sparsegpt": row(0.2, 0.4, 0.5), "default": row(0.1, 0.3, 0.55)}}))
+    (tmp_path / "study_b.json").write_text(json.dumps({"settings": settings | {"layer": 5}, "rows": {
+        "sparsegpt": {"ffn": {"relative_error": 0.2}}, "default": {"ffn": {"relative_error": 0.1}}}}))
     with pytest.raises(FileNotFoundError):
         study_tables.heldout_table(tmp_path / "none")
     table = study_tables.heldout_table(tmp_path)
