@@ -16,8 +16,8 @@ from sparsesolve.patterns import Pattern, parse_pattern
 from sparsesolve.solvers import SOLVERS
 
 METHODS = ("sparsellm", *SOLVERS)
-_SPARSELLM_OPTIONS = ("iterations", "alpha", "beta", "gamma", "reselect_mask", "prox", "prox_steps", "trace",
-                      "consistency")
+_SPARSELLM_OPTIONS = ("iterations", "alpha", "beta", "gamma", "reselect_mask", "refine", "refine_tol", "refine_iter",
+                      "prox", "prox_steps", "trace")
 
 
 def resolve_pattern(sparsity: float | str | None, pattern: Pattern | str | None) -> Pattern:
@@ -49,7 +49,7 @@ def prune(
     - ``sparsity`` (fraction of zeros per row) or ``pattern`` (``"2:4"``, ``"70%"``, a ``Pattern``).
     - ``options``: ``solver_options`` (dict for the per-layer solver, e.g. ``{"damp": 0.01}``),
       ``chunk_size``; for sparsellm also ``solver``, ``iterations``, ``alpha``, ``beta``, ``gamma``,
-      ``reselect_mask``, ``prox``, ``prox_steps``, ``consistency``, ``storage_dtype``, ``progress`` (see
+      ``reselect_mask``, ``refine``, ``refine_tol``, ``refine_iter``, ``prox``, ``prox_steps``, ``storage_dtype``, ``progress`` (see
       ``coordinator.sparsellm``; language-model defaults ``decoder.DECODER_SPARSELLM_DEFAULTS``); for a
       language model also ``layers``, ``batch_size``, ``device``, ``checkpoint_dir``, ``resume``
       (see ``decoder.prune_decoder``).

@@ -2,8 +2,8 @@
 
 ``sequential_pass`` is the engine of layer-wise pruning (SparseGPT's setting: each linear
 reconstructs its own dense weight from the already-pruned inputs, ``H = a^T a`` of the true pruned
-activations) and of the coordinator's consistency refit (each linear refits its fixed mask on the
-true activations against the coordinator's target).
+activations) and of every SparseLLM iteration (each linear is solved on the true pruned activations
+against the coordinator's target for it).
 """
 
 from __future__ import annotations
@@ -43,14 +43,17 @@ def sequential_pass(
     dtype: torch.dtype,
     storage_dtype: torch.dtype,
     chunk_size: int | None,
+    first_gram: torch.Tensor | None = None,
 ) -> ChainSolve:
-    """Solve stage by stage: Gram of the current (pruned) activations, solve each linear, propagate."""
+    """Solve stage by stage: Gram of the current (pruned) activations, solve each linear, propagate.
+
+    ``first_gram``: the Gram of ``inputs`` when the caller has it already (it is not recomputed)."""
     n_tokens = inputs.shape[0]
     acts = inputs
     weights: list[list[torch.Tensor]] = []
     solutions: dict[str, LayerSolution] = {}
     for l, stage in enumerate(chain.stages):
-        h = gram(acts, chunk_size, dtype)
+        h = first_gram if l == 0 and first_gram is not None else gram(acts, chunk_size, dtype)
         stage_solutions = [solve(l, j, lin, h, acts) for j, lin in enumerate(stage.linears)]
         stage_weights = [s.weight.to(dtype) for s in stage_solutions]
         solutions.update({lin.name: s for lin, s in zip(stage.linears, stage_solutions)})
@@ -78,12 +81,15 @@ def layerwise(
     dtype: torch.dtype,
     storage_dtype: torch.dtype,
     chunk_size: int | None = None,
+    first_gram: torch.Tensor | None = None,
 ) -> ChainSolve:
-    """Layer-wise pruning: each linear reconstructs its own dense weight on its pruned inputs."""
+    """Layer-wise pruning: each linear reconstructs its own dense weight on its pruned inputs
+    (``first_gram``: see ``sequential_pass``)."""
     method = get_solver(solver)
     options = dict(solver_options or {})
 
     def solve(l: int, j: int, linear: LinearMap, h: torch.Tensor, acts: torch.Tensor) -> LayerSolution:
         return method(linear.weight, h, pattern, compute_dtype=dtype, **options)
 
-    return sequential_pass(chain, inputs, solve, dtype=dtype, storage_dtype=storage_dtype, chunk_size=chunk_size)
+    return sequential_pass(chain, inputs, solve, dtype=dtype, storage_dtype=storage_dtype, chunk_size=chunk_size,
+                           first_gram=first_gram)

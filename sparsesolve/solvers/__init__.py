@@ -9,9 +9,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from sparsesolve.solvers.admm import admm
+from sparsesolve.solvers.cg_refit import cg_refit
 from sparsesolve.solvers.magnitude import magnitude
 from sparsesolve.solvers.problem import LayerProblem, LayerSolution, reconstruction_error
-from sparsesolve.solvers.refit import refit
+from sparsesolve.solvers.refit import refit, refit_by_cost
 from sparsesolve.solvers.sparsegpt import sparsegpt
 from sparsesolve.solvers.wanda import wanda
 
@@ -36,10 +37,12 @@ __all__ = [
     "LayerProblem",
     "LayerSolution",
     "admm",
+    "cg_refit",
     "get_solver",
     "magnitude",
     "reconstruction_error",
     "refit",
+    "refit_by_cost",
     "sparsegpt",
     "wanda",
 ]

@@ -12,7 +12,8 @@ and one penalty scale fits every layer. Split ``W = B = D`` with ``D`` in the pa
 ``Q diag(1 / (ev + rho)) Q^T``. Every ``check_every`` iterations the support change ``s`` (out of
 ``k`` kept entries) drives the penalty: ``s/k > 0.1 -> rho * 1.3``, ``> 0.005 -> rho * 1.2``, else
 ``rho * 1.1``. The loop stops once the support is unchanged over a check and ``B`` is close to ``D``,
-or at ``max_iter``; the final support is then refitted exactly (``refit``).
+or at ``max_iter``; the final support is then refitted (``refit_by_cost``: the exact per-row solve
+for small layers, conjugate gradients at large widths).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 
 from sparsesolve.patterns import Pattern
 from sparsesolve.solvers.problem import LayerProblem, LayerSolution
-from sparsesolve.solvers.refit import refit
+from sparsesolve.solvers.refit import refit_by_cost
 
 
 def admm(
@@ -80,7 +81,7 @@ def admm(
         ratio = changed / max(kept, 1)
         rho = min(rho_max, rho * (1.3 if ratio > 0.1 else 1.2 if ratio > 0.005 else 1.1))
     # refit the last projected support on Hd = H + lam I, the objective ADMM minimised
-    exact = refit(problem.w_star, problem.damped_gram, new_support, damp=0.0, compute_dtype=problem.w_star.dtype)
+    exact = refit_by_cost(problem.w_star, problem.damped_gram, new_support, damp=0.0, compute_dtype=problem.w_star.dtype)
     return problem.solution(
         exact.weight.to(problem.w_star.dtype), new_support, iterations=iteration, escalations=exact.escalations,
         rho=rho, support_changes=changes,

@@ -1,0 +1,184 @@
+"""SparseLLM against SparseGPT on one gated FFN at the widths of real models: time and FFN error.
+
+    python -m benchmarks.bench_coordinator_scale                      # CPU, 8192 tokens, all widths
+    python -m benchmarks.bench_coordinator_scale --widths 576x1536 --tokens 8192 --patterns 2:4
+
+One row per (width, pattern, device): both methods prune the same FFN ``down(silu(gate x) * up x)`` from
+the same calibration inputs in the same process and thread count, sparsellm with the language-model
+defaults (``DECODER_SPARSELLM_DEFAULTS``). The error is the FFN's relative output error
+``||F(X) - F_hat(X)||^2 / ||F(X)||^2`` on the calibration tokens.
+
+Inputs: at SmolLM2's width (576 x 1536) the real FFN of decoder layer 1 and its real inputs (the
+first ``--tokens`` of 64 x 512 wiki calibration windows through the dense model); at the other widths a
+synthetic FFN: inputs from ``benchmarks.synthetic.llm_like_inputs`` (correlated features with a decaying
+spectrum and outlier channels) and Gaussian weights with SmolLM2 layer 1's per-matrix standard
+deviations scaled by ``sqrt(576 / fan_in)``, so the activations keep the real layer's magnitude.
+``--synthetic-small`` adds a synthetic row at 576 x 1536 to compare with the real one.
+
+With ``--whole-model`` on a GPU (or any device given) it also times ``sparsesolve.prune`` on a
+random-init Llama of ``--model-shape`` (default the 7B shape, 2 decoder layers) with
+``--model-windows`` x ``--model-seq-len`` random token windows, both methods, with peak device memory.
+
+Writes (merging rows by key) ``benchmarks/results/coordinator_scale.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from typing import Any
+
+import torch
+
+from benchmarks.common import RESULTS, metadata, write_json
+from benchmarks.synthetic import llm_like_inputs
+
+NAME = "coordinator_scale"
+WIDTHS = "576x1536,1024x2816,2048x5632,4096x11008"
+
+
+def real_ffn(tokens: int) -> tuple[torch.nn.Module, torch.Tensor]:
+    """SmolLM2's decoder layer 1 FFN as a ``GatedMLP`` and its first ``tokens`` real inputs."""
+    from sparsesolve.chain import GatedMLP
+    from sparsesolve.data import calibration_windows, corpus_tokens
+    from sparsesolve.models import load_model
+
+    model, tokenizer = load_model("smollm2-135m")
+    windows = calibration_windows(corpus_tokens(tokenizer, "wiki", "train"), -(-tokens // 512), 512, seed=0)
+    mlp, captured = model.model.layers[1].mlp, []
+    handle = mlp.register_forward_pre_hook(lambda _m, args: captured.append(args[0].reshape(-1, args[0].shape[-1])))
+    with torch.no_grad():
+        for batch in windows.split(8):
+            model(batch, use_cache=False)
+    handle.remove()
+    ffn = GatedMLP(mlp.up_proj.in_features, mlp.up_proj.out_features)
+    for ours, theirs in ((ffn.up, mlp.up_proj), (ffn.gate, mlp.gate_proj), (ffn.down, mlp.down_proj)):
+        ours.weight.data.copy_(theirs.weight.detach())
+    return ffn, torch.cat(captured)[:tokens].contiguous()
+
+
+#: per-matrix weight standard deviations of SmolLM2's layer 1 FFN (fan-in 576 for up/gate, 1536 for down)
+SMOLLM2_STD = {"up": 0.181, "gate": 0.204, "down": 0.184}
+
+
+def synthetic_ffn(d_model: int, d_ff: int, tokens: int, seed: int) -> tuple[torch.nn.Module, torch.Tensor]:
+    """A Gaussian gated FFN with SmolLM2-like scales and LLM-like inputs (module docstring)."""
+    from sparsesolve.chain import GatedMLP
+
+    g = torch.Generator().manual_seed(seed)
+    ffn = GatedMLP(d_model, d_ff)
+    for name, fan_in, fan_out in (("up", d_model, d_ff), ("gate", d_model, d_ff), ("down", d_ff, d_model)):
+        std = SMOLLM2_STD[name] * ((576 if name != "down" else 1536) / fan_in) ** 0.5
+        getattr(ffn, name).weight.data.copy_(torch.randn(fan_out, fan_in, generator=g) * std)
+    return ffn, llm_like_inputs(tokens, d_model, seed)
+
+
+def time_methods(ffn: torch.nn.Module, x: torch.Tensor, pattern: str) -> dict[str, Any]:
+    """Prune copies of ``ffn`` with sparsegpt and sparsellm; seconds, errors and refit iterations."""
+    import sparsesolve as ss
+    from sparsesolve.decoder import DECODER_SPARSELLM_DEFAULTS
+    from sparsesolve.streaming import DEFAULT_CHUNK
+
+    out: dict[str, Any] = {}
+    for method, options in (("sparsegpt", {}), ("sparsellm", DECODER_SPARSELLM_DEFAULTS)):
+        model = torch.nn.Sequential(copy.deepcopy(ffn)).to(x.device)
+        _sync(x.device)
+        started = time.perf_counter()
+        result = ss.prune(model, x, method=method, pattern=pattern, chunk_size=DEFAULT_CHUNK, **options)
+        _sync(x.device)
+        out[f"{method}_s"] = time.perf_counter() - started
+        out[f"{method}_error"] = result.relative_error
+        if method == "sparsellm":
+            out["sparsellm_refine_iterations"] = result.history[-1]["refine_iterations"] if result.history else {}
+            out["sparsellm_best_iteration"] = result.best_iteration
+    out["time_ratio"] = out["sparsellm_s"] / out["sparsegpt_s"]
+    out["error_ratio"] = out["sparsellm_error"] / out["sparsegpt_error"]
+    return out
+
+
+def whole_model(shape: str, layers: int, windows: int, seq_len: int, pattern: str, device: str) -> list[dict[str, Any]]:
+    """Both methods on a random-init Llama of ``shape`` (``HIDDENxFFN``): wall seconds and peak memory."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import sparsesolve as ss
+
+    hidden, ffn = (int(v) for v in shape.split("x"))
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+                         num_attention_heads=max(1, hidden // 128), num_key_value_heads=max(1, hidden // 128),
+                         vocab_size=32000, max_position_embeddings=max(2048, seq_len))
+    tokens = torch.randint(0, config.vocab_size, (windows, seq_len), generator=torch.Generator().manual_seed(0))
+    rows = []
+    for method in ("sparsegpt", "sparsellm"):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config).to(device).eval()
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        _sync(torch.device(device))
+        started = time.perf_counter()
+        result = ss.prune(model, tokens, method=method, pattern=pattern, progress=False)
+        _sync(torch.device(device))
+        rows.append({"model_shape": shape, "layers": layers, "windows": windows, "seq_len": seq_len, "pattern": pattern,
+                     "device": device, "method": method, "wall_s": time.perf_counter() - started,
+                     "solve_s": result.solve_seconds, "forward_s": result.forward_seconds,
+                     "peak_device_gb": torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None})
+        print(json.dumps(rows[-1]), flush=True)
+        del model
+    return rows
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    """Parse arguments, run every (width, pattern), merge the rows into the JSON after each."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--widths", default=WIDTHS, help=f"comma-separated D_MODELxD_FF (default {WIDTHS})")
+    parser.add_argument("--patterns", default="2:4,0.7")
+    parser.add_argument("--tokens", type=int, default=None, help="calibration tokens (default 8192 on CPU, 131072 on GPU)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--synthetic-small", action="store_true", help="also a synthetic row at 576x1536")
+    parser.add_argument("--whole-model", action="store_true", help="also time a random-init Llama (--model-shape)")
+    parser.add_argument("--model-shape", default="4096x11008")
+    parser.add_argument("--model-layers", type=int, default=2)
+    parser.add_argument("--model-windows", type=int, default=64)
+    parser.add_argument("--model-seq-len", type=int, default=2048)
+    parser.add_argument("--name", default=NAME, help=f"results/NAME.json (default {NAME})")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    tokens = args.tokens or (131072 if args.device.startswith("cuda") else 8192)
+    path = RESULTS / f"{args.name}.json"
+    payload = json.loads(path.read_text()) if path.exists() else {"rows": [], "whole_model": []}
+    payload["meta"] = metadata("benchmarks.bench_coordinator_scale", args.seed)
+
+    def keep(row: dict[str, Any]) -> None:
+        key = ("d_model", "d_ff", "pattern", "device", "source")
+        payload["rows"] = [r for r in payload["rows"] if any(r.get(k) != row[k] for k in key)] + [row]
+        write_json(args.name, payload)
+
+    cases = [(int(a), int(b), "real" if (int(a), int(b)) == (576, 1536) else "synthetic")
+             for a, b in (w.split("x") for w in args.widths.split(","))]
+    if args.synthetic_small:
+        cases.append((576, 1536, "synthetic"))
+    for d_model, d_ff, source in cases:
+        ffn, x = real_ffn(tokens) if source == "real" else synthetic_ffn(d_model, d_ff, tokens, args.seed)
+        ffn, x = ffn.to(args.device), x.to(args.device)
+        for pattern in args.patterns.split(","):
+            row = {"d_model": d_model, "d_ff": d_ff, "tokens": tokens, "pattern": pattern, "device": args.device,
+                   "threads": torch.get_num_threads(), "source": source, **time_methods(ffn, x, pattern)}
+            keep(row)
+            print(json.dumps(row), flush=True)
+    if args.whole_model:
+        payload["whole_model"] = whole_model(args.model_shape, args.model_layers, args.model_windows, args.model_seq_len,
+                                             args.patterns.split(",")[0], args.device)
+        write_json(args.name, payload)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
