@@ -101,3 +101,83 @@ def test_warm_start_keeps_the_one_shot_weights_and_mask(tiny: Path, tmp_path: Pa
     assert torch.equal(load_file(str(tmp_path / "warm" / "masks.safetensors"))[name], result.masks[name])
     with pytest.raises(ValueError, match="masks.safetensors"):
         sparse_student(load_model(str(tiny))[0], teacher, tiny)
+
+
+def _one_shot_folder(tiny: Path, tmp_path: Path) -> tuple[Path, dict]:
+    from sparsesolve import prune
+    from sparsesolve.data import calibration_windows, corpus_tokens
+    from sparsesolve.output import OutputFolder
+
+    model, tokenizer = load_model(str(tiny))
+    windows = calibration_windows(corpus_tokens(tokenizer, "wiki", "train"), 4, 32)
+    result = prune(model, windows, method="sparsegpt", pattern="2:4", progress=False)
+    folder = OutputFolder(tmp_path / "one-shot")
+    folder.begin()
+    folder.commit(model, tokenizer, result.masks, {})
+    return tmp_path / "one-shot", result.masks
+
+
+def test_slorb_of_a_warm_start_comes_from_the_teacher(tiny: Path, tmp_path: Path) -> None:
+    """The one-shot weights are zero where pruned; S is the mean of the TEACHER's pruned weights per block."""
+    one_shot, masks = _one_shot_folder(tiny, tmp_path)
+    teacher, _ = load_model(str(tiny))
+    student, _ = load_model(str(one_shot))
+    layers = sparse_student(student, teacher, one_shot, slorb_k=16)
+    dense = dict(teacher.named_modules())
+    for name, layer in layers.items():
+        w, keep = dense[name].weight.detach(), masks[name]
+        expected = (w * ~keep).reshape(w.shape[0], -1, 16).mean(dim=2)
+        torch.testing.assert_close(layer.slorb.scale.detach(), expected)
+        assert float(layer.slorb.scale.detach().abs().max()) > 0
+
+
+def test_the_retrained_student_is_the_saved_model(tiny: Path, tmp_path: Path) -> None:
+    """After retrain() the student in memory (SLoRB included) gives the reloaded folder's logits."""
+    teacher, tokenizer = load_model(str(tiny))
+    student, _ = load_model(str(tiny))
+    layers = sparse_student(student, teacher, None, slorb_k=16)
+    retrain(student, teacher, tokenizer, layers, RetrainConfig(tokens=6 * 4 * 32, **FAST), tmp_path / "out", progress=False)
+    reloaded, _ = load_model(str(tmp_path / "out"))
+    ids = torch.randint(0, teacher.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(student(ids).logits, reloaded(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+class _NaNGradient(torch.autograd.Function):
+    """Identity forward, NaN backward: a finite loss with a non-finite gradient."""
+
+    @staticmethod
+    def forward(ctx: object, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: object, grad: torch.Tensor) -> torch.Tensor:
+        return grad * float("nan")
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_a_nan_gradient_stops_the_run_or_skips_the_step(tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      policy: str) -> None:
+    real_loss, calls = loop._loss, []
+
+    def planted(student, teacher, window, config):
+        parts = real_loss(student, teacher, window, config)
+        calls.append(1)
+        if len(calls) == 8:  # step 8, after the checkpoint of step 6
+            parts["loss"] = _NaNGradient.apply(parts["loss"])
+        return parts
+
+    monkeypatch.setattr(loop, "_loss", planted)
+    config = RetrainConfig(tokens=10 * 4 * 32, checkpoint_every=6, on_nonfinite=policy, **FAST)
+    out = tmp_path / policy
+    if policy == "stop":
+        with pytest.raises(FloatingPointError, match="non-finite gradient norm at step 8"):
+            _run(tiny, out, config)
+        state = torch.load(tmp_path / f"{policy}.partial" / "checkpoints" / "retrain.pt", weights_only=False)
+        assert state["step"] == 6 and all(bool(torch.isfinite(v).all()) for v in state["model"].values())
+    else:
+        report = _run(tiny, out, config)
+        skipped = [e for e in report["log"] if e.get("skipped")]
+        assert [e["step"] for e in skipped] == [8]
+        weights = load_file(str(out / "model.safetensors"))
+        assert all(bool(torch.isfinite(v).all()) for v in weights.values())

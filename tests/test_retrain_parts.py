@@ -14,10 +14,11 @@ from sparsesolve.patterns import NM
 from sparsesolve.retrain import (
     SLoRB,
     SparseLinear,
+    MaskedAdamW,
     annealed_lambda,
+    decay_terms,
     distillation_loss,
     masked_decay_gradient_,
-    masked_decay_update_,
     wrap_linears,
 )
 
@@ -69,15 +70,54 @@ def test_masked_decay_touches_only_pruned_weights(form: str) -> None:
         layer.module.weight.grad = torch.zeros_like(layer.module.weight)
         masked_decay_gradient_([layer], 0.5)
         change = layer.module.weight.grad.T
-        torch.testing.assert_close(change, 0.5 * w0 * ~layer.mask)
     else:
-        masked_decay_update_([layer], 0.5, lr=0.1)
-        change = w0 - layer.weight_out_in().detach()
-        torch.testing.assert_close(change, 0.05 * w0 * ~layer.mask)
+        change = decay_terms([layer], 0.5)[layer.module.weight].T
+    torch.testing.assert_close(change, 0.5 * w0 * ~layer.mask)
     assert (change[layer.mask] == 0).all() and (change[~layer.mask] != 0).all()
     layer.mask = layer.mask.int()
     with pytest.raises(TypeError, match="boolean"):
-        masked_decay_update_([layer], 0.5, lr=0.1)
+        decay_terms([layer], 0.5)
+
+
+def test_update_form_decay_follows_the_adam_recurrence_under_zero_loss_gradient() -> None:
+    """The pruned weight's trajectory against a hand computation of the update form: the term enters the
+    second moment and the normalised update, not the momentum (``optimizer.py``); a kept weight stays."""
+    lr, lam, b1, b2, eps = 2e-4, 1e-4, 0.9, 0.95, 1e-8
+    module = nn.Linear(4, 1, bias=False)
+    with torch.no_grad():
+        module.weight.copy_(torch.tensor([[0.05, 0.8, -0.9, 0.01]]))
+    layer = SparseLinear(module, mask=torch.tensor([[True, True, False, False]]))
+    optimizer = MaskedAdamW([module.weight], lr=lr, betas=(b1, b2), eps=eps)
+    w, m, v = [-0.9, 0.01], [0.0, 0.0], [0.0, 0.0]
+    for t in range(1, 101):
+        module.weight.grad = torch.zeros_like(module.weight)
+        optimizer.step(decay=decay_terms([layer], lam))
+        for i in range(2):
+            d = lam * w[i]
+            m[i] = b1 * m[i]
+            v[i] = b2 * v[i] + (1 - b2) * d * d
+            w[i] -= lr * (m[i] / (1 - b1**t) + d) / (math.sqrt(v[i] / (1 - b2**t)) + eps)
+    assert module.weight[0, 2].item() == pytest.approx(w[0], rel=1e-6)
+    assert module.weight[0, 3].item() == pytest.approx(w[1], rel=1e-5)
+    assert module.weight[0, 2].item() == pytest.approx(-0.9 + 100 * lr, rel=0.01)  # about lr per step, any scale
+    assert 0 < w[1] < 1e-3  # 0.01 nearly gone in 100 steps (subtracting lr * lam * w per step would leave 0.01)
+    assert torch.equal(module.weight[0, :2], torch.tensor([0.05, 0.8]))  # kept weights: no gradient, no decay
+
+
+def test_masked_adamw_without_decay_is_torch_adamw() -> None:
+    torch.manual_seed(0)
+    a, b = nn.Linear(5, 3), nn.Linear(5, 3)
+    b.load_state_dict(a.state_dict())
+    ours = MaskedAdamW(a.parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+    theirs = torch.optim.AdamW(b.parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+    for _ in range(5):
+        x = torch.randn(7, 5)
+        for model, opt in ((a, ours), (b, theirs)):
+            opt.zero_grad()
+            model(x).pow(2).sum().backward()
+            opt.step()
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
 
 
 def test_annealed_lambda_ramps_then_holds() -> None:
@@ -104,6 +144,22 @@ def test_distillation_loss_matches_a_hand_computation() -> None:
     assert distillation_loss(teacher, teacher, labels)["kl"].item() == pytest.approx(0.0, abs=1e-7)
     torch.testing.assert_close(distillation_loss(student, teacher, labels, alpha_kd=0.0)["loss"],
                                F.cross_entropy(student[0, [0, 2]], labels[0, [0, 2]]))
+
+
+def test_distillation_is_finite_when_the_teacher_rules_tokens_out() -> None:
+    """Teacher logits of -inf (a masked vocabulary entry): 0 * log 0 counts as 0, not NaN."""
+    g = torch.Generator().manual_seed(4)
+    student, teacher = torch.randn(1, 2, 6, generator=g), torch.randn(1, 2, 6, generator=g)
+    teacher[..., 0] = float("-inf")
+    labels = torch.tensor([[1, 2]])
+    out = distillation_loss(student, teacher, labels)
+    assert all(bool(torch.isfinite(v)) for v in out.values())
+    finite = distillation_loss(student[..., 1:], teacher[..., 1:], labels - 1, alpha_kd=1.0)
+    # the teacher's distribution lives on entries 1..5; the student's log-probabilities there differ by its mass on 0
+    log_q = F.log_softmax(student / 2, dim=-1)[..., 1:]
+    p = F.softmax(teacher[..., 1:] / 2, dim=-1)
+    expected = (p * (p.log() - log_q)).sum(-1).mean()
+    assert out["kl"].item() == pytest.approx(expected.item(), rel=1e-6) and torch.isfinite(finite["kl"])
 
 
 @pytest.mark.parametrize("trainable", [False, True])

@@ -28,5 +28,8 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     ce = F.cross_entropy(student, labels.reshape(-1)[keep])
     log_p_student = F.log_softmax(student / temperature, dim=-1)
     log_p_teacher = F.log_softmax(teacher / temperature, dim=-1)
-    kl = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(dim=-1).mean()
+    p_teacher = log_p_teacher.exp()
+    # 0 * log 0 = 0: entries the teacher rules out (logit -inf) contribute nothing, not NaN
+    terms = torch.where(p_teacher > 0, p_teacher * (log_p_teacher - log_p_student), torch.zeros_like(p_teacher))
+    kl = terms.sum(dim=-1).mean()
     return {"loss": alpha_kd * temperature**2 * kl + (1 - alpha_kd) * ce, "kl": kl, "ce": ce}

@@ -8,8 +8,11 @@ Per optimiser step ``s`` (of ``tokens // (batch_size * seq_len)``):
 2. the student's loss (``distill``: ``distillation_loss`` against the frozen teacher's logits computed
    on the fly; else cross-entropy), backward through the straight-through masks; gradients averaged
    over ranks (``all_reduce``), clipped to ``grad_clip``;
-3. the masked decay at ``annealed_lambda(s)`` (gradient form before the AdamW step, update form after
-   it), the AdamW step with linear warmup then cosine decay to ``min_lr_ratio * lr``;
+   a non-finite loss or gradient norm stops the run with a one-line error (``on_nonfinite="stop"``) or
+   skips the step (``"skip"``, logged), before any weight changes;
+3. the masked decay at ``annealed_lambda(s)`` (``decay.py``: update form inside the AdamW step,
+   gradient form added to the gradient before it), the AdamW step (``MaskedAdamW``) with linear
+   warmup then cosine decay to ``min_lr_ratio * lr``;
 4. every ``mask_interval`` steps after ``fixed_mask_steps``: masks re-selected from the dense
    magnitudes (N:M), the flip rate logged;
 5. before the first step and every ``eval_every`` steps: perplexity on the wiki validation split; every ``checkpoint_every``
@@ -17,7 +20,9 @@ Per optimiser step ``s`` (of ``tokens // (batch_size * seq_len)``):
 
 At the end the master weights are projected onto their masks (exact N:M) and the model is saved as a
 standard transformers folder (plus ``masks.safetensors``, ``slorb.safetensors`` when SLoRB is on, and
-``report.json`` with the log). Dropout stays off (eval mode), so a step is a deterministic function of
+``report.json`` with the log); the student is left as saved (plain modules, SLoRB attached as
+``load_model`` attaches it), so it gives the same logits as the reloaded folder. A checkpoint is never
+written with non-finite weights. Dropout stays off (eval mode), so a step is a deterministic function of
 the weights and the data.
 """
 
@@ -39,9 +44,10 @@ from sparsesolve.data import corpus_tokens
 from sparsesolve.environment import environment
 from sparsesolve.evaluate import perplexity
 from sparsesolve.output import OutputFolder, atomic_write
-from sparsesolve.retrain.decay import annealed_lambda, masked_decay_gradient_, masked_decay_update_
+from sparsesolve.retrain.decay import annealed_lambda, decay_terms, masked_decay_gradient_
 from sparsesolve.retrain.distill import distillation_loss
-from sparsesolve.retrain.slorb import SLORB_FILE
+from sparsesolve.retrain.optimizer import MaskedAdamW
+from sparsesolve.retrain.slorb import SLORB_FILE, attach_slorb
 from sparsesolve.retrain.sparse_linear import SparseLinear
 
 __all__ = ["RetrainConfig", "retrain", "train_batch", "unwrap"]
@@ -74,7 +80,8 @@ class RetrainConfig:
     mask_interval: int = _option(10, "steps between mask refreshes (the paper's delta t)")
     fixed_mask_steps: int = _option(0, "keep the starting (one-shot) mask this many steps")
     fixed_mask: bool = _option(False, "never refresh the mask")
-    decay: str = _option("gradient", "masked decay form: gradient (added to the gradient) or update (to the Adam update)")
+    decay: str = _option("update", "masked decay form: update (in Adam's normalised update and second moment, not its "
+                                   "momentum: the paper's) or gradient (added to the gradient: SR-STE's)")
     lambda_max: float | None = _option(None, "final masked decay; default 6e-5 (gradient form) or 1e-4 (update form)")
     decay_warmup: float = _option(0.25, "fraction of the steps over which the decay ramps up (T0)")
     distill: bool = _option(True, "distil from the dense teacher (else the language-model loss alone)")
@@ -85,6 +92,7 @@ class RetrainConfig:
     eval_windows: int = _option(16, "validation windows of seq_len tokens")
     checkpoint_every: int = _option(50, "steps between checkpoints (--resume continues from the last)")
     seed: int = _option(0, "seed of the training windows")
+    on_nonfinite: str = _option("stop", "a non-finite loss or gradient norm: stop (one-line error) or skip the step")
 
     @property
     def steps(self) -> int:
@@ -95,6 +103,8 @@ class RetrainConfig:
         """One-line errors for settings that cannot run."""
         if self.decay not in DEFAULT_LAMBDA:
             raise ValueError(f"decay must be 'gradient' or 'update', got {self.decay!r}")
+        if self.on_nonfinite not in ("stop", "skip"):
+            raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
         if self.batch_size % (world * self.grad_accum):
@@ -171,9 +181,8 @@ def retrain(student: PreTrainedModel, teacher: PreTrainedModel, tokenizer: PreTr
     student.eval()  # dropout off: deterministic steps
     params = [p for p in student.parameters() if p.requires_grad]
     decay, no_decay = [p for p in params if p.dim() >= 2], [p for p in params if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=config.lr, betas=(config.beta1, config.beta2))
+    optimizer = MaskedAdamW([{"params": decay, "weight_decay": config.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=config.lr, betas=(config.beta1, config.beta2))
     log: list[dict[str, Any]] = []
     first = 0
     if resume and checkpoint_path.exists():
@@ -216,15 +225,23 @@ def retrain(student: PreTrainedModel, teacher: PreTrainedModel, tokenizer: PreTr
             summed = torch.tensor([totals["loss"], totals["ce"], totals["kl"]], device=device)
             dist.all_reduce(summed)
             totals = dict(zip(totals, (summed / world).tolist()))
-        torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+        norm = float(torch.nn.utils.clip_grad_norm_(params, config.grad_clip))
+        entry = {"step": step + 1, "tokens": (step + 1) * config.batch_size * config.seq_len, "lr": lr, **totals,
+                 "grad_norm": norm}
+        if not (math.isfinite(totals["loss"]) and math.isfinite(norm)):
+            if config.on_nonfinite == "stop":
+                raise FloatingPointError(
+                    f"non-finite {'loss' if not math.isfinite(totals['loss']) else 'gradient norm'} at step {step + 1}; "
+                    f"weights unchanged, last checkpoint in {folder.checkpoints}: lower --lr and --resume, "
+                    "or --on-nonfinite skip")
+            optimizer.zero_grad(set_to_none=True)
+            log.append({**entry, "skipped": True})
+            continue
         lam = annealed_lambda(step, lambda_max, round(config.decay_warmup * config.steps))
         if config.decay == "gradient":
             masked_decay_gradient_(sparse, lam)
-        optimizer.step()
-        if config.decay == "update":
-            masked_decay_update_(sparse, lam, lr)
-        entry = {"step": step + 1, "tokens": (step + 1) * config.batch_size * config.seq_len, "lr": lr, "lambda": lam,
-                 **totals}
+        optimizer.step(decay=decay_terms(sparse, lam) if config.decay == "update" else None)
+        entry["lambda"] = lam
         refresh = not config.fixed_mask and step + 1 > config.fixed_mask_steps and (step + 1) % config.mask_interval == 0
         if refresh:
             flips = sum(layer.refresh_mask() for layer in sparse)
@@ -236,6 +253,9 @@ def retrain(student: PreTrainedModel, teacher: PreTrainedModel, tokenizer: PreTr
         bar.set_postfix(loss=f"{totals['loss']:.3f}", kl=f"{totals['kl']:.3f}",
                         flips=f"{entry.get('flip_rate', 0.0):.4f}")
         if rank == 0 and ((step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps):
+            if not all(bool(torch.isfinite(p).all()) for p in student.parameters()):
+                raise FloatingPointError(f"non-finite weights at step {step + 1}: no checkpoint written; "
+                                         f"the last good one is in {folder.checkpoints}")
             state = {"model": student.state_dict(), "optimizer": optimizer.state_dict(), "log": log, "step": step + 1}
             checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(checkpoint_path, lambda path: torch.save(state, path))
@@ -250,6 +270,8 @@ def retrain(student: PreTrainedModel, teacher: PreTrainedModel, tokenizer: PreTr
             k = next(layer.slorb.k for layer in sparse if layer.slorb is not None)
             save_file(extra, str(folder.staging / SLORB_FILE), metadata={"k": str(k)})
         folder.commit(student, tokenizer, masks, report)
+        if extra:  # the student as saved: what load_model gives back
+            attach_slorb(student, {key: value.to(device) for key, value in extra.items()}, k)
     if world > 1:
         dist.barrier()
     return report

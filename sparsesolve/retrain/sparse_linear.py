@@ -25,7 +25,10 @@ class SparseLinear(nn.Module):
     """``y = x (W * M)^T + b`` with a straight-through gradient to ``W`` (``module`` keeps ``W`` and ``b``)."""
 
     def __init__(self, module: nn.Module, mask: torch.Tensor | None = None, pattern: Pattern = TWO_FOUR,
-                 slorb_k: int | None = None, slorb_trainable_projection: bool = False) -> None:
+                 slorb_k: int | None = None, slorb_trainable_projection: bool = False,
+                 slorb_dense: torch.Tensor | None = None) -> None:
+        """``slorb_dense``: the dense weights (``out x in``) whose pruned entries initialise SLoRB (the
+        teacher's: a one-shot student's pruned entries are already zero); default the module's own."""
         super().__init__()
         self.module = module
         self.transposed = not isinstance(module, nn.Linear)  # Conv1D: weight is in x out
@@ -36,7 +39,8 @@ class SparseLinear(nn.Module):
         if mask.shape != weight.shape:
             raise ValueError(f"mask shape {tuple(mask.shape)} does not match the weight {tuple(weight.shape)} (out x in)")
         self.register_buffer("mask", mask.to(weight.device))
-        self.slorb = SLoRB(weight, mask, slorb_k, slorb_trainable_projection) if slorb_k else None
+        source = weight if slorb_dense is None else slorb_dense.to(weight.device)
+        self.slorb = SLoRB(source, mask, slorb_k, slorb_trainable_projection) if slorb_k else None
 
     def weight_out_in(self) -> torch.Tensor:
         """The dense master weight as ``out x in`` (a view: gradients reach the module's parameter)."""
@@ -69,9 +73,10 @@ class SparseLinear(nn.Module):
 
 def wrap_linears(model: nn.Module, names: list[str], masks: dict[str, torch.Tensor] | None = None,
                  pattern: Pattern = TWO_FOUR, slorb_k: int | None = None,
-                 slorb_trainable_projection: bool = False) -> dict[str, SparseLinear]:
+                 slorb_trainable_projection: bool = False,
+                 slorb_dense: dict[str, torch.Tensor] | None = None) -> dict[str, SparseLinear]:
     """Replace the named linear modules of ``model`` by ``SparseLinear`` wrappers (masks from ``masks``,
-    else magnitude); returns them by name."""
+    else magnitude; SLoRB initialised from ``slorb_dense[name]`` where given); returns them by name."""
     wrapped = {}
     for name in names:
         parent_name, _, child = name.rpartition(".")
@@ -79,7 +84,8 @@ def wrap_linears(model: nn.Module, names: list[str], masks: dict[str, torch.Tens
         module = getattr(parent, child)
         if isinstance(module, SparseLinear):
             raise ValueError(f"{name} is already a SparseLinear")
-        layer = SparseLinear(module, None if masks is None else masks[name], pattern, slorb_k, slorb_trainable_projection)
+        layer = SparseLinear(module, None if masks is None else masks[name], pattern, slorb_k, slorb_trainable_projection,
+                             None if slorb_dense is None else slorb_dense[name])
         setattr(parent, child, layer)
         wrapped[name] = layer
     return wrapped

@@ -7,6 +7,7 @@
 - The paper's start (``from_dir=None``): the dense weights with magnitude masks.
 
 Every linear of every decoder layer is wrapped (``SparseLinear``); embeddings and the head stay dense.
+SLoRB (when on) starts from the dense teacher's weights at the pruned positions, whatever the start.
 """
 
 from __future__ import annotations
@@ -49,12 +50,14 @@ def sparse_student(student: PreTrainedModel, teacher: PreTrainedModel, from_dir:
         masks = {n: saved[n].to(torch.bool) for n in names}
         for n in names:
             pattern.check_mask(masks[n])
-    layers = wrap_linears(student, names, masks, pattern, slorb_k, slorb_trainable_projection)
+    modules = dict(teacher.named_modules())
+    dense = {name: (modules[name].weight.T if not isinstance(modules[name], torch.nn.Linear) else modules[name].weight)
+             .detach() for name in names}
+    # SLoRB from the teacher's pruned weights, the paper's formula for every start
+    layers = wrap_linears(student, names, masks, pattern, slorb_k, slorb_trainable_projection, slorb_dense=dense)
     if from_dir is not None and pruned == "dense":
-        dense = dict(teacher.named_modules())
         with torch.no_grad():
             for name, layer in layers.items():
-                source = dense[name].weight
                 w = layer.weight_out_in()
-                w.copy_(torch.where(layer.mask, w, (source.T if layer.transposed else source).to(w.dtype)))
+                w.copy_(torch.where(layer.mask, w, dense[name].to(w.dtype)))
     return layers
