@@ -57,8 +57,15 @@ class Activation:
         scale: torch.Tensor | None = None,
         start: torch.Tensor | None = None,
         steps: int = LOCAL_NEWTON_STEPS,
+        candidate: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Elementwise ``argmin_z alpha (z - m)^2 + gamma (a - scale * phi(z))^2`` (``scale`` = 1 if None).
+
+        The global search (no ``start``) is exact for the identity and ReLU. For the others it returns
+        a point no worse than any of its grid points and branch roots and than ``candidate`` (the
+        current iterate, in the coordinator, so the objective cannot rise); it finds the global
+        minimiser in practice, but where ``|scale|`` is large (gated up values of 40 and more) a basin can
+        fall between the grid points, so this is not guaranteed.
 
         With ``start`` (the current iterate) a smooth activation takes the fast local update instead of
         the global search: ``steps`` safeguarded Newton steps from ``start`` (each halved at most
@@ -91,7 +98,8 @@ class Activation:
             part = slice(first, first + block)
             c = None if flat_c is None else flat_c[part]
             if flat_start is None:
-                out[part] = self._prox_search(flat_m[part], flat_a[part], alpha, gamma, c)
+                current = None if candidate is None else candidate.reshape(-1)[part]
+                out[part] = self._prox_search(flat_m[part], flat_a[part], alpha, gamma, c, current)
             else:
                 local_c = torch.ones_like(flat_m[part]) if c is None else c
                 out[part] = self._newton(flat_start[part], flat_m[part], flat_a[part], local_c, alpha, gamma, c,
@@ -112,7 +120,8 @@ class Activation:
         return alpha * (z - m) ** 2 + gamma * (a - value) ** 2
 
     def _prox_search(
-        self, m: torch.Tensor, a: torch.Tensor, alpha: float, gamma: float, scale: torch.Tensor | None
+        self, m: torch.Tensor, a: torch.Tensor, alpha: float, gamma: float, scale: torch.Tensor | None,
+        candidate: torch.Tensor | None = None,
     ) -> torch.Tensor:
         c = torch.ones_like(m) if scale is None else scale
         f_m = self.objective(m, m, a, alpha, gamma, scale)
@@ -126,7 +135,8 @@ class Activation:
         # Where |c| is large the basin around c * phi(z) = a is narrower than the grid: the roots on
         # each monotone branch of phi are starting points too. Newton polishes the two best starts.
         level = torch.where(c != 0, a / torch.where(c != 0, c, torch.ones_like(c)), torch.zeros_like(a))
-        starts = torch.stack([best, *self._branch_roots(level)])
+        extra = [] if candidate is None else [candidate]
+        starts = torch.stack([best, *self._branch_roots(level), *extra])
         values = torch.stack([best_f] + [self.objective(z, m, a, alpha, gamma, scale) for z in starts[1:]])
         order = values.argsort(dim=0)[:POLISHED_STARTS]
         return self._polish(list(torch.gather(starts, 0, order)), best, best_f, m, a, alpha, gamma, scale)

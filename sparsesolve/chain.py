@@ -80,7 +80,7 @@ class DenseStage:
         ``local_steps``: the fast local update from the current ``z`` with that many Newton steps
         (``Activation.prox(start=..., steps=...)``); None: the global search."""
         if local_steps is None:
-            return [self.activation.prox(maps[0], act, alpha, gamma)]
+            return [self.activation.prox(maps[0], act, alpha, gamma, candidate=pres[0])]
         return [self.activation.prox(maps[0], act, alpha, gamma, start=pres[0], steps=local_steps)]
 
 
@@ -108,12 +108,13 @@ class GatedStage:
 
         First ``u`` given the current ``s`` (closed form ``(alpha m_u + gamma sigma act) / (alpha +
         gamma sigma^2)``, ``sigma = phi(s)``), then ``s`` given the new ``u`` (1-D solve per element;
-        ``local_steps``: the fast local update from the current ``s``, never worse than it).
+        ``local_steps``: the fast local update from the current ``s``; the global search has the current
+        ``s`` as a candidate: either way never worse than it).
         """
         sigma = self.activation(pres[1])
         up = (alpha * maps[0] + gamma * sigma * act) / (alpha + gamma * sigma * sigma)
         if local_steps is None:
-            gate = self.activation.prox(maps[1], act, alpha, gamma, scale=up)
+            gate = self.activation.prox(maps[1], act, alpha, gamma, scale=up, candidate=pres[1])
         else:
             gate = self.activation.prox(maps[1], act, alpha, gamma, scale=up, start=pres[1], steps=local_steps)
         return [up, gate]

@@ -150,3 +150,22 @@ def test_local_prox_is_a_descent_step(name: str) -> None:
     kept = act.prox(m, a, ALPHA, GAMMA, scale=u, start=exact)
     assert (act.objective(kept, m, a, ALPHA, GAMMA, u) <= act.objective(exact, m, a, ALPHA, GAMMA, u) + 1e-12).all()
 
+
+
+def test_global_gate_prox_is_never_worse_than_the_current_iterate() -> None:
+    """Large up values (around 40) narrow the gate's basins below the grid spacing; with the current
+    iterate as a candidate (here a 4001-point grid minimum) the global search cannot end above it."""
+    g = torch.Generator().manual_seed(0)
+    n, alpha, gamma = 4000, 1.0, 1.0
+    m, a = 3 * torch.randn(n, generator=g, dtype=torch.float64), 5 * torch.randn(n, generator=g, dtype=torch.float64)
+    up = 40 + 5 * torch.randn(n, generator=g, dtype=torch.float64)
+    act = get_activation("silu")
+    radius = torch.sqrt(act.objective(m, m, a, alpha, gamma, up) / alpha)
+    grid = m[:, None] + radius[:, None] * torch.linspace(-1, 1, 4001, dtype=torch.float64)[None, :]
+    values = act.objective(grid, m[:, None], a[:, None], alpha, gamma, up[:, None])
+    current = torch.gather(grid, 1, values.argmin(dim=1, keepdim=True))[:, 0]
+    f_current = act.objective(current, m, a, alpha, gamma, up)
+    without = act.objective(act.prox(m, a, alpha, gamma, scale=up), m, a, alpha, gamma, up)
+    assert float(((without - f_current) / f_current).max()) > 0.05  # the case: the search alone misses a basin
+    z = act.prox(m, a, alpha, gamma, scale=up, candidate=current)
+    assert bool((act.objective(z, m, a, alpha, gamma, up) <= f_current).all())
