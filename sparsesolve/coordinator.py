@@ -49,13 +49,16 @@ from sparsesolve.chain import Chain, LinearMap, apply_linear
 from sparsesolve.linalg import compute_dtype_for, damped_cholesky
 from sparsesolve.patterns import Pattern
 from sparsesolve.sequential import layerwise, sequential_pass
-from sparsesolve.solvers import LayerSolution, cg_refit, get_solver, refit
+from sparsesolve.solvers import LayerProblem, LayerSolution, cg_refit, get_solver, refit
 from sparsesolve.solvers.cg_refit import CG_TOL
 from sparsesolve.streaming import accumulate, gram, map_tokens, token_chunks
 
 __all__ = ["ChainResult", "CoordinatorState", "REFINEMENTS", "sparsellm", "prune_chain"]
 
 REFINEMENTS = ("cg", "exact", "none")
+#: conjugate-gradient iterations of a refit at most, when chosen by cost: 4 give 95 % of a converged
+#: refit's gain on SmolLM2 layer 1 (benchmarks/README.md)
+REFINE_ITER_MAX = 4
 
 
 @dataclass
@@ -213,7 +216,7 @@ def sparsellm(
     reselect_mask: bool = True,
     refine: str = "cg",
     refine_tol: float = CG_TOL,
-    refine_iter: int = 100,
+    refine_iter: int | None = None,
     solver_options: dict[str, Any] | None = None,
     chunk_size: int | None = None,
     storage_dtype: torch.dtype | None = None,
@@ -234,7 +237,10 @@ def sparsellm(
     - ``refine``: after the solver, solve each linear once more on its mask: ``"cg"`` (conjugate
       gradients from the solver's weights to relative residual ``refine_tol``: ``cg_refit``), ``"exact"``
       (one Cholesky per row: ``refit``, for small layers and tests) or ``"none"`` (the solver's weights);
-      ``refine_iter`` caps the conjugate-gradient iterations (each costs ``2 m n^2`` flops).
+      ``refine_iter`` caps the conjugate-gradient iterations; None chooses by cost: each iteration costs
+      ``2 m n^2`` flops, a pass of the linear over the ``N`` calibration tokens ``2 N m n``, so
+      ``min(REFINE_ITER_MAX, N // n)`` iterations cost at most one such pass (4 on SmolLM2 with 32,768
+      tokens; none for a 7B down projection with 8,192).
     - ``solver_options``: passed to every masked solve (e.g. ``damp``, ``blocksize``); the refits take
       only ``damp`` from it.
     - ``chunk_size``: tokens per chunk for every per-token computation (None = all at once).
@@ -261,7 +267,8 @@ def sparsellm(
     storage = storage_dtype or inputs.dtype
     options = dict(solver_options or {})
     method = get_solver(solver)
-    fixed_mask = _fixed_mask_solver(refine, refine_tol, refine_iter, options.get("damp", 0.01))
+    damp = options.get("damp", 0.01)
+    fixed_mask = _fixed_mask_solver(refine, refine_tol, refine_iter, inputs.shape[0])
     state = CoordinatorState(chain, inputs, dtype, storage, chunk_size, alpha, beta, gamma)
     reference = float((state.target**2).sum())
 
@@ -289,12 +296,14 @@ def sparsellm(
             record(f"preactivation {l}")
 
         def solve(l: int, j: int, linear: LinearMap, h: torch.Tensor, acts: torch.Tensor) -> LayerSolution:
-            cross = state.cross(state.stage_targets(l)[j], linear, acts)
+            # one problem (factor, W*) per linear, shared by the masked solve and the refit
+            problem = LayerProblem.build(linear.weight, h, target=state.cross(state.stage_targets(l)[j], linear, acts),
+                                         damp=damp, compute_dtype=dtype)
             previous = current.solutions[linear.name]
             if not reselect_mask:
-                return fixed_mask(linear.weight, h, previous.mask, cross, previous.weight)
-            sol = method(linear.weight, h, pattern, target=cross, compute_dtype=dtype, **options)
-            return sol if fixed_mask is None else fixed_mask(linear.weight, h, sol.mask, cross, sol.weight)
+                return fixed_mask(problem, previous.mask, previous.weight, None)
+            sol = method(linear.weight, h, pattern, problem=problem, **options)
+            return sol if fixed_mask is None else fixed_mask(problem, sol.mask, sol.weight, sol)
 
         current = sequential_pass(chain, inputs, solve, dtype=dtype, storage_dtype=storage, chunk_size=chunk_size,
                                   first_gram=state.input_gram)
@@ -314,14 +323,26 @@ def sparsellm(
                        time.perf_counter() - started)
 
 
-def _fixed_mask_solver(refine: str, tol: float, max_iter: int, damp: float) -> Callable[..., LayerSolution] | None:
-    """``solve(weight, gram, mask, cross, start) -> LayerSolution`` for ``refine`` (None for ``"none"``)."""
+def _fixed_mask_solver(refine: str, tol: float, max_iter: int | None, n_tokens: int) -> Callable[..., LayerSolution] | None:
+    """``solve(problem, mask, start, solution) -> LayerSolution`` for ``refine`` (None for ``"none"``):
+    the refit of ``problem`` on ``mask`` from the weights ``start``, or ``solution`` (the solver's, on
+    the same problem) as it is when the cost rule allows no iteration. ``max_iter`` None:
+    ``min(REFINE_ITER_MAX, n_tokens // n)`` for a linear with ``n`` inputs, at least 1 on fixed masks."""
     if refine == "none":
         return None
-    if refine == "exact":
-        return lambda w, h, mask, cross, start: refit(w, h, mask, target=cross, damp=damp)
-    return lambda w, h, mask, cross, start: cg_refit(w, h, mask, target=cross, start=start, damp=damp, tol=tol,
-                                                           max_iter=max_iter)
+
+    def solve(problem: LayerProblem, mask: torch.Tensor, start: torch.Tensor, solution: LayerSolution | None) -> LayerSolution:
+        w, h = problem.w_star, problem.gram
+        if refine == "exact":
+            return refit(w, h, mask, problem=problem)
+        iterations = max_iter if max_iter is not None else min(REFINE_ITER_MAX, n_tokens // w.shape[1])
+        if solution is None:
+            iterations = max(1, iterations)
+        elif iterations == 0:
+            return solution
+        return cg_refit(w, h, mask, start=start, tol=tol, max_iter=iterations, problem=problem)
+
+    return solve
 
 
 def prune_chain(

@@ -50,11 +50,9 @@ __all__ = ["DECODER_SPARSELLM_DEFAULTS", "PruneResult", "prune_decoder", "select
 #: more than sparsegpt's whole layer), alpha = 0.1 (pre-activations held less tightly to the linear maps'
 #: outputs than gamma holds the activations: lower FFN error than alpha = gamma on every layer and
 #: pattern measured), the local proximal update (same error as the global search at a third of its
-#: cost), at most 4 conjugate-gradient iterations per refit (95 % of the converged refit's gain on
-#: SmolLM2 layer 1, each iteration costs 2 m n^2 flops), no objective trace (a pass over the tokens per
-#: block update).
-DECODER_SPARSELLM_DEFAULTS: dict[str, Any] = {"iterations": 1, "alpha": 0.1, "prox": "local", "refine_iter": 4,
-                                              "trace": False}
+#: cost), conjugate-gradient refits with iterations chosen by cost (``coordinator.sparsellm``), no
+#: objective trace (a pass over the tokens per block update).
+DECODER_SPARSELLM_DEFAULTS: dict[str, Any] = {"iterations": 1, "alpha": 0.1, "prox": "local", "trace": False}
 
 
 class _Stop(Exception):

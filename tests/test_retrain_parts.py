@@ -12,9 +12,9 @@ from transformers.pytorch_utils import Conv1D
 
 from sparsesolve.patterns import NM
 from sparsesolve.retrain import (
+    MaskedAdamW,
     SLoRB,
     SparseLinear,
-    MaskedAdamW,
     annealed_lambda,
     decay_terms,
     distillation_loss,

@@ -38,6 +38,7 @@ def admm(
     check_every: int = 3,
     tol: float = 1e-4,
     compute_dtype: torch.dtype | None = None,
+    problem: LayerProblem | None = None,
 ) -> LayerSolution:
     """Prune ``weight`` (m x n) to ``pattern`` by ADMM on ``(W*, Hd)``, then refit the support exactly.
 
@@ -48,7 +49,7 @@ def admm(
     if rho <= 0 or rho_max < rho or max_iter < 1 or check_every < 1:
         raise ValueError("admm needs 0 < rho <= rho_max, max_iter >= 1 and check_every >= 1")
     pattern.validate(tuple(weight.shape))
-    problem = LayerProblem.build(weight, gram, target=target, damp=damp, compute_dtype=compute_dtype)
+    problem = problem or LayerProblem.build(weight, gram, target=target, damp=damp, compute_dtype=compute_dtype)
     damped = problem.damped_gram
     scale = torch.diagonal(damped).sqrt()
     scaled_gram = damped / scale[:, None] / scale[None, :]

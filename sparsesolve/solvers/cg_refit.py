@@ -22,6 +22,8 @@ SmolLM2's layers 9-18 iterations reach a relative objective gap of 1e-4 from a S
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from sparsesolve.solvers.problem import LayerProblem, LayerSolution
@@ -45,6 +47,7 @@ def cg_refit(
     max_iter: int = 100,
     check_every: int = 1,
     compute_dtype: torch.dtype | None = None,
+    problem: LayerProblem | None = None,
 ) -> LayerSolution:
     """Best weight on the fixed ``mask`` (m x n bool, True = kept) by PCG (module docstring).
 
@@ -58,10 +61,11 @@ def cg_refit(
         )
     if tol <= 0 or max_iter < 0 or check_every < 1:
         raise ValueError(f"cg_refit needs tol > 0, max_iter >= 0 and check_every >= 1, got {tol}, {max_iter}, {check_every}")
-    problem = LayerProblem.build(weight, gram, target=target, damp=damp, compute_dtype=compute_dtype)
+    started = time.perf_counter()
+    problem = problem or LayerProblem.build(weight, gram, target=target, damp=damp, compute_dtype=compute_dtype)
     damped = problem.damped_gram
     keep = mask.to(damped.dtype)
-    rhs = problem.w_star @ damped
+    rhs = problem.rhs
     w = (problem.w_star if start is None else start.to(damped.dtype)) * keep
     residual = (rhs - w @ damped) * keep
     inv_diag = 1.0 / torch.diagonal(damped)
@@ -85,4 +89,4 @@ def cg_refit(
         rz = rz_new
         if iteration % check_every == 0 or iteration == max_iter:
             relative = float(rz.sum().sqrt() / initial)
-    return problem.solution(w, mask, cg_iterations=iteration, cg_residual=relative)
+    return problem.solution(w, mask, started=started, cg_iterations=iteration, cg_residual=relative)

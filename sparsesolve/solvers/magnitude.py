@@ -16,6 +16,7 @@ def magnitude(
     target: torch.Tensor | None = None,
     damp: float = 0.01,
     compute_dtype: torch.dtype | None = None,
+    problem: LayerProblem | None = None,
 ) -> LayerSolution:
     """Prune ``weight`` (m x n) to ``pattern`` by magnitude of ``W*`` (see ``problem.py``).
 
@@ -24,6 +25,6 @@ def magnitude(
     """
     if gram is None:
         gram = torch.eye(weight.shape[-1], dtype=weight.dtype, device=weight.device)
-    problem = LayerProblem.build(weight, gram, target=target, damp=damp, compute_dtype=compute_dtype)
+    problem = problem or LayerProblem.build(weight, gram, target=target, damp=damp, compute_dtype=compute_dtype)
     mask = pattern.project(problem.w_star.abs())
     return problem.solution(problem.w_star, mask)

@@ -16,6 +16,9 @@ Conventions shared by all solvers:
 - Dead inputs (``H_jj = 0``, the input is always zero) get ``H_jj = 1`` and a zero weight column:
   their weights cannot matter, so they are the first to be pruned.
 - Computation happens in float32, or float64 when the weight is float64, whatever the model dtype.
+- Every solver takes ``problem=``: a ``LayerProblem`` already built for the same weight, Gram and
+  target (then those arguments and ``damp`` are not read again): the SparseLLM coordinator builds one
+  per linear and hands it to the mask-choosing solver and then to the refit, factoring once.
 """
 
 from __future__ import annotations
@@ -52,6 +55,8 @@ class LayerProblem:
     dead: torch.Tensor
     out_dtype: torch.dtype
     started: float = field(default_factory=time.perf_counter)
+    _reference: float | None = field(default=None, repr=False)
+    _rhs: torch.Tensor | None = field(default=None, repr=False)
 
     @classmethod
     def build(
@@ -87,17 +92,34 @@ class LayerProblem:
             check_finite("target", target)
             w_star = chol.solve(target.to(dtype).T).T.contiguous()
         w_star[:, dead] = 0
-        return cls(w_star, h, chol, dead, weight.dtype, started)
+        rhs = None if target is None else target.to(dtype).masked_fill(dead, 0.0)
+        return cls(w_star, h, chol, dead, weight.dtype, started, _rhs=rhs)
 
     @property
     def damped_gram(self) -> torch.Tensor:
         """``H + lam I`` as factored (the matrix the damped solvers actually minimise with)."""
         return self.gram + self.cholesky.lam * torch.eye(self.gram.shape[0], dtype=self.gram.dtype, device=self.gram.device)
 
+    @property
+    def rhs(self) -> torch.Tensor:
+        """``W* (H + lam I)`` (``m x n``): the target's cross-covariance itself when one was given."""
+        if self._rhs is None:
+            self._rhs = self.w_star @ self.damped_gram
+        return self._rhs
+
+    @property
+    def reference(self) -> float:
+        """``||W* X||^2 = tr(W* H W*^T)``, computed once per problem."""
+        if self._reference is None:
+            self._reference = float(((self.w_star @ self.gram) * self.w_star).sum())
+        return self._reference
+
     def solution(
-        self, weight: torch.Tensor, mask: torch.Tensor, iterations: int = 1, escalations: int = 0, **info: Any
+        self, weight: torch.Tensor, mask: torch.Tensor, iterations: int = 1, escalations: int = 0,
+        started: float | None = None, **info: Any
     ) -> LayerSolution:
-        """Package a pruned weight: zero it off ``mask``, compute its error, stop the clock.
+        """Package a pruned weight: zero it off ``mask``, compute its error, stop the clock (started at
+        ``started``, default when the problem was built).
 
         ``escalations`` counts damping escalations of factorisations beyond the problem's own.
         """
@@ -108,11 +130,11 @@ class LayerProblem:
             weight=weight.to(self.out_dtype),
             mask=mask,
             error=reconstruction_error(weight, self.w_star, self.gram),
-            reference=float(((self.w_star @ self.gram) * self.w_star).sum()),
+            reference=self.reference,
             damping=float(self.cholesky.lam),
             escalations=self.cholesky.escalations + escalations,
             iterations=iterations,
-            seconds=time.perf_counter() - self.started,
+            seconds=time.perf_counter() - (self.started if started is None else started),
             info=dict(info),
         )
 

@@ -8,6 +8,8 @@ are solved together as a batch of ``k x k`` Cholesky systems, in chunks that bou
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from sparsesolve.linalg import damped_cholesky
@@ -25,6 +27,7 @@ def refit(
     target: torch.Tensor | None = None,
     damp: float = 0.01,
     compute_dtype: torch.dtype | None = None,
+    problem: LayerProblem | None = None,
 ) -> LayerSolution:
     """Best weight on the fixed ``mask`` (m x n bool, True = kept) for ``(W*, H)`` (see ``problem.py``).
 
@@ -35,9 +38,10 @@ def refit(
         raise ValueError(
             f"mask must be a bool tensor of shape {tuple(weight.shape)}, got {mask.dtype} {tuple(mask.shape)}"
         )
-    problem = LayerProblem.build(weight, gram, target=target, damp=damp, compute_dtype=compute_dtype)
+    started = time.perf_counter()
+    problem = problem or LayerProblem.build(weight, gram, target=target, damp=damp, compute_dtype=compute_dtype)
     damped = problem.damped_gram
-    rhs = problem.w_star @ damped
+    rhs = problem.rhs
     out = torch.zeros_like(problem.w_star)
     counts = mask.sum(dim=1)
     escalations = 0
@@ -55,7 +59,7 @@ def refit(
             escalations += chol.escalations
             b = torch.gather(rhs[r], 1, idx).unsqueeze(-1)
             out[r[:, None], idx] = chol.solve(b).squeeze(-1)
-    return problem.solution(out, mask, escalations=escalations)
+    return problem.solution(out, mask, escalations=escalations, started=started)
 
 
 #: conjugate-gradient iterations assumed by ``refit_by_cost`` (a converged refit from a masked start)

@@ -36,6 +36,7 @@ def sparsegpt(
     damp: float = 0.01,
     blocksize: int = 128,
     compute_dtype: torch.dtype | None = None,
+    problem: LayerProblem | None = None,
     quantizer: GroupQuantizer | None = None,
 ) -> LayerSolution:
     """Prune ``weight`` (m x n) to ``pattern`` with SparseGPT's OBS pass over the inputs' Gram ``H``.
@@ -50,7 +51,7 @@ def sparsegpt(
     if blocksize < 1:
         raise ValueError(f"blocksize must be >= 1, got {blocksize}")
     pattern.validate(tuple(weight.shape))
-    problem = LayerProblem.build(weight, gram, target=target, damp=damp, compute_dtype=compute_dtype)
+    problem = problem or LayerProblem.build(weight, gram, target=target, damp=damp, compute_dtype=compute_dtype)
     hinv = torch.cholesky_inverse(problem.cholesky.factor)
     inv_chol = damped_cholesky(hinv, 0.0)
     upper = inv_chol.factor.T.contiguous()
