@@ -6,12 +6,14 @@
 Runs (same budget, schedule and seed): ``magnitude`` (the paper's start: dense weights, magnitude
 masks), ``sparsegpt`` and ``sparsellm`` (warm starts from their one-shot 2:4 models, the one-shot mask
 held for the first ``--fixed-mask-steps``), each with distillation and SLoRB (k = 16); and the
-ablations ``sparsegpt-no-kd`` and ``sparsegpt-no-slorb``. The one-shot models are pruned once with the
+ablations ``sparsegpt-no-kd``, ``sparsegpt-no-slorb`` and ``sparsegpt-gradient-decay`` (SR-STE's decay
+form instead of the default Adam-update form). The one-shot models are pruned once with the
 P1 calibration set into ``--work`` (not the repository). One JSON per run in ``results/ast/``
 (skipped when present; an interrupted run resumes from its checkpoint), then the plot
 ``results/ast_ppl_vs_tokens.png``. Each JSON: the retraining log (validation perplexity at every
-``--eval-every`` steps, from step 0), the final wiki / PTB test perplexity (P1 windows) and the dense
-and one-shot perplexities for the gap closed.
+``--eval-every`` steps, from step 0), the final wiki / PTB test perplexity (P1 windows), the dense
+and one-shot perplexities for the gap closed, the decay form and ``slorb_init_abs_mean`` (mean ``|S|``
+of the SLoRB terms at step 0).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ RUNS = {  # name: (start, options)
     "sparsellm": ("sparsellm", {}),
     "sparsegpt-no-kd": ("sparsegpt", {"distill": False}),
     "sparsegpt-no-slorb": ("sparsegpt", {"slorb": 0}),
+    "sparsegpt-gradient-decay": ("sparsegpt", {"decay": "gradient"}),
 }
 
 
@@ -71,6 +74,8 @@ def run(name: str, args: argparse.Namespace) -> dict[str, Any]:
     teacher, tokenizer = load_model(args.model, device=args.device)
     student, _ = load_model(str(from_dir) if from_dir else args.model, device=args.device)
     layers = sparse_student(student, teacher, from_dir, slorb_k=slorb or None)
+    scales = [layer.slorb.scale.detach().abs() for layer in layers.values() if layer.slorb is not None]
+    slorb_init = float(sum(s.sum() for s in scales) / sum(s.numel() for s in scales)) if scales else None
     before = test_perplexities(student, tokenizer, args)
     config = RetrainConfig(tokens=args.tokens, seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr,
                            eval_every=args.eval_every, checkpoint_every=args.eval_every,
@@ -80,7 +85,8 @@ def run(name: str, args: argparse.Namespace) -> dict[str, Any]:
     report = retrain(student, teacher, tokenizer, layers, config, out, resume=staging.exists(), overwrite=True)
     trained, _ = load_model(str(out), device=args.device)
     final = test_perplexities(trained, tokenizer, args)
-    return {"name": name, "start": start, "slorb": slorb, "config": report["config"], "log": report["log"],
+    return {"name": name, "start": start, "slorb": slorb, "decay": report["config"]["decay"],
+            "slorb_init_abs_mean": slorb_init, "config": report["config"], "log": report["log"],
             "seconds": report["seconds"], "slorb_parameters": report["slorb_parameters"],
             "parameters": report["parameters"], "perplexity": {"start": before, "final": final}}
 
@@ -123,9 +129,9 @@ def table(folder: Path = AST) -> str:
         raise FileNotFoundError(f"no runs in {folder}")
     dense = json.loads((folder / "dense.json").read_text())
     paper = dict(_validation(runs["magnitude"])) if "magnitude" in runs else {}
-    lines = ["| run | start | tokens (steps) | wiki validation: step 0 -> end | wiki / PTB test: start -> end "
-             "| wiki gap to dense closed | below the paper's start at every point | time |",
-             "|---|---|---:|---:|---:|---:|---|---:|"]
+    lines = ["| run | start | decay | mean abs S at step 0 | tokens (steps) | wiki validation: step 0 -> end "
+             "| wiki / PTB test: start -> end | wiki gap to dense closed | below the paper's start at every point | time |",
+             "|---|---|---|---:|---:|---:|---:|---:|---|---:|"]
     for name, r in runs.items():
         curve = _validation(r)
         start, final = r["perplexity"]["start"], r["perplexity"]["final"]
@@ -133,8 +139,11 @@ def table(folder: Path = AST) -> str:
         shared = [(t, v) for t, v in curve if t in paper]
         below = "-" if name == "magnitude" or not shared else \
             ("yes" if all(v < paper[t] for t, v in shared if t > 0) else "no")
+        decay = r["config"].get("decay", "gradient")
+        slorb_init = r.get("slorb_init_abs_mean")
         lines.append(f"| {name} | {r['start']}{'' if r['slorb'] else ', no SLoRB'}"
-                     f"{'' if r['config']['distill'] else ', no KD'} | {curve[-1][0]:,} ({r['log'][-1]['step']}) "
+                     f"{'' if r['config']['distill'] else ', no KD'} | {decay} | "
+                     + ("-" if slorb_init is None else f"{slorb_init:.2e}") + f" | {curve[-1][0]:,} ({r['log'][-1]['step']}) "
                      f"| {curve[0][1]:.1f} -> {curve[-1][1]:.1f} | {start['wiki']:.1f} / {start['ptb']:.1f} -> "
                      f"{final['wiki']:.1f} / {final['ptb']:.1f} | {closed:.0%} | {below} | {r['seconds']:.0f} s |")
     meta = dense["meta"]

@@ -28,6 +28,7 @@ import argparse
 import copy
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -128,6 +129,23 @@ def whole_model(shape: str, layers: int, windows: int, seq_len: int, pattern: st
     return rows
 
 
+def table(folder: Path = RESULTS) -> str:
+    """The README table: one line per row of ``coordinator_scale.json`` (time ratio, error ratio)."""
+    data = json.loads((folder / f"{NAME}.json").read_text())
+    lines = ["| d_model x d_ff | inputs | tokens | pattern | device (threads) | sparsegpt s | sparsellm s | ratio | "
+             "FFN error sparsegpt -> sparsellm (ratio) | CG iterations up / gate / down |",
+             "|---|---|---:|---|---|---:|---:|---:|---|---|"]
+    for r in sorted(data["rows"], key=lambda r: (r["device"], r["d_model"], r["source"], r["pattern"])):
+        iters = " / ".join(str(v) for v in r.get("sparsellm_refine_iterations", {}).values())
+        lines.append(f"| {r['d_model']} x {r['d_ff']} | {r['source']} | {r['tokens']:,} | {r['pattern']} | "
+                     f"{r['device']} ({r['threads']}) | {r['sparsegpt_s']:.1f} | {r['sparsellm_s']:.1f} | "
+                     f"{r['time_ratio']:.2f}x | {r['sparsegpt_error']:.4f} -> {r['sparsellm_error']:.4f} "
+                     f"({r['error_ratio']:.2f}) | {iters} |")
+    meta, commands = data["meta"], "; ".join(f"`{c}`" for c in data.get("commands", [data["meta"]["command"]]))
+    return "\n".join(lines) + f"\n\n_Source: {commands}; last run at commit `{meta['commit'][:12]}`, {meta['date']}; " \
+        f"torch {meta['versions']['torch']}._\n"
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -149,17 +167,19 @@ def main() -> None:
     parser.add_argument("--model-windows", type=int, default=64)
     parser.add_argument("--model-seq-len", type=int, default=2048)
     parser.add_argument("--name", default=NAME, help=f"results/NAME.json (default {NAME})")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results folder (default benchmarks/results)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     tokens = args.tokens or (131072 if args.device.startswith("cuda") else 8192)
-    path = RESULTS / f"{args.name}.json"
+    path = args.out / f"{args.name}.json"
     payload = json.loads(path.read_text()) if path.exists() else {"rows": [], "whole_model": []}
     payload["meta"] = metadata("benchmarks.bench_coordinator_scale", args.seed)
+    payload["commands"] = list(dict.fromkeys([*payload.get("commands", []), payload["meta"]["command"]]))
 
     def keep(row: dict[str, Any]) -> None:
         key = ("d_model", "d_ff", "pattern", "device", "source")
         payload["rows"] = [r for r in payload["rows"] if any(r.get(k) != row[k] for k in key)] + [row]
-        write_json(args.name, payload)
+        write_json(args.name, payload, args.out)
 
     cases = [(int(a), int(b), "real" if (int(a), int(b)) == (576, 1536) else "synthetic")
              for a, b in (w.split("x") for w in args.widths.split(","))]
@@ -176,7 +196,7 @@ def main() -> None:
     if args.whole_model:
         payload["whole_model"] = whole_model(args.model_shape, args.model_layers, args.model_windows, args.model_seq_len,
                                              args.patterns.split(",")[0], args.device)
-        write_json(args.name, payload)
+        write_json(args.name, payload, args.out)
     print(f"wrote {path}")
 
 

@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 
 from benchmarks.bench_ast import table as ast_table
+from benchmarks.bench_coordinator_scale import table as scale_table
 from benchmarks.common import RESULTS
 from benchmarks.plot_ppl import table as ppl_table
 from benchmarks.study_tables import goals_table, heldout_table, layer_table, variant_table
@@ -121,7 +122,7 @@ def lm_table() -> str:
 TABLES = {"optimality-gap": optimality_gap_table, "solvers": solver_table, "mlp": mlp_table, "lm": lm_table,
           "ppl-full": lambda: ppl_table("p1", "full"), "ppl-first-half": lambda: ppl_table("p1", "first-half"),
           "goals-full": goals_table, "export-sizes": export_table,
-          "quantized": quantized_table, "ast": ast_table}
+          "quantized": quantized_table, "ast": ast_table, "coordinator-scale": scale_table}
 STUDY_TABLES = {"study-variants": variant_table, "study-goals": goals_table, "study-layers": layer_table,
                 "study-heldout": heldout_table}
 

@@ -88,10 +88,13 @@ def test_ast_benchmark_smoke(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(sys, "argv", ["bench_ast", "--model", str(model), "--tokens", "256", "--seq-len", "32",
                                       "--batch-size", "4", "--eval-every", "1", "--fixed-mask-steps", "1", "--nsamples", "2",
                                       "--eval-windows", "1", "--test-seq-len", "64", "--work", str(tmp_path / "work"),
-                                      "--out", str(out), "--runs", "magnitude,sparsegpt,sparsegpt-no-kd,sparsegpt-no-slorb"])
+                                      "--out", str(out), "--runs",
+                                      "magnitude,sparsegpt,sparsegpt-no-kd,sparsegpt-no-slorb,sparsegpt-gradient-decay"])
     bench_ast.main()
     runs = {p.stem: json.loads(p.read_text()) for p in out.glob("*.json")}
-    assert set(runs) == {"dense", "magnitude", "sparsegpt", "sparsegpt-no-kd", "sparsegpt-no-slorb"}
+    assert set(runs) == {"dense", "magnitude", "sparsegpt", "sparsegpt-no-kd", "sparsegpt-no-slorb", "sparsegpt-gradient-decay"}
+    assert runs["sparsegpt"]["decay"] == "update" and runs["sparsegpt-gradient-decay"]["decay"] == "gradient"
+    assert runs["sparsegpt"]["slorb_init_abs_mean"] > 0 and runs["sparsegpt-no-slorb"]["slorb_init_abs_mean"] is None
     assert runs["sparsegpt"]["log"][0]["tokens"] == 0 and runs["sparsegpt"]["slorb_parameters"] > 0
     assert runs["sparsegpt-no-slorb"]["slorb_parameters"] == 0 and runs["sparsegpt-no-kd"]["config"]["distill"] is False
     assert all(r["log"][-1]["tokens"] == 256 for name, r in runs.items() if name != "dense")
@@ -99,7 +102,7 @@ def test_ast_benchmark_smoke(tmp_path, monkeypatch) -> None:
     rows = bench_ast.table(out).splitlines()[2:6]
     assert [row.split(" | ")[0].lstrip("| ") for row in rows] == ["magnitude", "sparsegpt", "sparsegpt-no-kd",
                                                                   "sparsegpt-no-slorb"]
-    assert "no KD" in rows[2] and "no SLoRB" in rows[3] and rows[0].split(" | ")[6] == "-"
+    assert "no KD" in rows[2] and "no SLoRB" in rows[3] and rows[0].split(" | ")[8] == "-"
 
 
 def test_heldout_table_reports_the_change_per_corpus(tmp_path) -> None:
@@ -118,3 +121,24 @@ def test_heldout_table_reports_the_change_per_corpus(tmp_path) -> None:
     table = study_tables.heldout_table(tmp_path)
     assert "| 3 | 4:8 | default | 0.2000 -> 0.1000 (-50%) | 0.4000 -> 0.3000 (-25%) | 0.5000 -> 0.5500 (+10%) |" in table
     assert table.count("\n") == 3
+
+
+def test_coordinator_scale_benchmark_smoke(tmp_path, monkeypatch) -> None:
+    """A synthetic FFN row and the whole-model timing on a tiny random Llama: the issue's fields, both methods."""
+    import sys
+
+    from benchmarks import bench_coordinator_scale
+
+    monkeypatch.setattr(sys, "argv", ["bench_coordinator_scale", "--widths", "64x128", "--tokens", "512", "--patterns",
+                                      "2:4", "--threads", "1", "--whole-model", "--model-shape", "64x128", "--model-layers",
+                                      "1", "--model-windows", "2", "--model-seq-len", "32", "--out", str(tmp_path)])
+    bench_coordinator_scale.main()
+    data = json.loads((tmp_path / "coordinator_scale.json").read_text())
+    (row,) = data["rows"]
+    for key in ("d_model", "d_ff", "tokens", "pattern", "device", "threads", "sparsegpt_s", "sparsellm_s",
+                "sparsegpt_error", "sparsellm_error"):
+        assert key in row
+    assert (row["d_model"], row["d_ff"], row["tokens"], row["device"]) == (64, 128, 512, "cpu")
+    assert row["sparsellm_error"] <= row["sparsegpt_error"]
+    assert [r["method"] for r in data["whole_model"]] == ["sparsegpt", "sparsellm"]
+    assert "| 64 x 128 | synthetic | 512 | 2:4 |" in bench_coordinator_scale.table(tmp_path)
