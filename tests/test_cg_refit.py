@@ -12,7 +12,7 @@ from test_solvers import cvxpy_refit
 
 import sparsesolve as ss
 from sparsesolve.patterns import NM, Unstructured
-from sparsesolve.solvers import cg_refit, refit, refit_by_cost, sparsegpt
+from sparsesolve.solvers import LayerProblem, cg_refit, reconstruction_error, refit, refit_by_cost, sparsegpt
 
 
 def relative_gap(result: object, exact: object) -> float:
@@ -87,3 +87,15 @@ def test_solver_options_reach_the_solver_not_the_refit() -> None:
     blocked = ss.prune(copy.deepcopy(model), x, method="sparsellm", pattern="2:4", iterations=1,
                        solver_options={"blocksize": 8, "damp": 0.01})
     assert blocked.error < blocked.start_error and plain.error < plain.start_error
+
+
+def test_reported_error_and_reference_match_direct_products() -> None:
+    """The refit's error comes from the tracked ``W Hd`` and the reference from ``C``: both equal the
+    direct ``tr((W - W*) H (W - W*)^T)`` and ``tr(W* H W*^T)``."""
+    x = correlated_inputs(300, 32, seed=10)
+    w = random_weight(16, 32, seed=11)
+    targets = torch.tanh(x @ w.T)
+    problem = LayerProblem.build(w, x.T @ x, target=targets.T @ x, damp=0.01)
+    result = cg_refit(w, x.T @ x, NM(2, 4).project(w.abs()), problem=problem, max_iter=3)
+    assert result.error == pytest.approx(reconstruction_error(result.weight, problem.w_star, problem.gram), rel=1e-9)
+    assert result.reference == pytest.approx(float(((problem.w_star @ problem.gram) * problem.w_star).sum()), rel=1e-9)

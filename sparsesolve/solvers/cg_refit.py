@@ -67,7 +67,8 @@ def cg_refit(
     keep = mask.to(damped.dtype)
     rhs = problem.rhs
     w = (problem.w_star if start is None else start.to(damped.dtype)) * keep
-    residual = (rhs - w @ damped) * keep
+    product = w @ damped  # W Hd, kept up to date so the final error needs no further product
+    residual = (rhs - product) * keep
     inv_diag = 1.0 / torch.diagonal(damped)
     z = residual * inv_diag
     direction = z
@@ -77,10 +78,12 @@ def cg_refit(
     iteration = 0
     while iteration < max_iter and relative > tol:
         iteration += 1
-        q = (direction @ damped) * keep
+        full = direction @ damped
+        q = full * keep
         curvature = (direction * q).sum(dim=1)
         step = torch.where(curvature > 0, rz / curvature.clamp_min(torch.finfo(rz.dtype).tiny), torch.zeros_like(rz))
         w = w + step[:, None] * direction
+        product = product + step[:, None] * full
         residual = residual - step[:, None] * q
         z = residual * inv_diag
         rz_new = (residual * z).sum(dim=1)
@@ -89,4 +92,7 @@ def cg_refit(
         rz = rz_new
         if iteration % check_every == 0 or iteration == max_iter:
             relative = float(rz.sum().sqrt() / initial)
-    return problem.solution(w, mask, started=started, cg_iterations=iteration, cg_residual=relative)
+    # ||(W - W*) X||^2 = <W - W*, (W - W*) Hd> - lam ||W - W*||^2, and (W - W*) Hd = W Hd - rhs
+    delta = w - problem.w_star
+    error = float((delta * (product - rhs)).sum() - problem.cholesky.lam * (delta * delta).sum())
+    return problem.solution(w, mask, started=started, error=error, cg_iterations=iteration, cg_residual=relative)

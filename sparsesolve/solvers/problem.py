@@ -109,17 +109,21 @@ class LayerProblem:
 
     @property
     def reference(self) -> float:
-        """``||W* X||^2 = tr(W* H W*^T)``, computed once per problem."""
+        """``||W* X||^2 = tr(W* H W*^T)``, computed once per problem; with a target ``W* H = C - lam W*``
+        (``W* Hd = C``), so no product is needed."""
         if self._reference is None:
-            self._reference = float(((self.w_star @ self.gram) * self.w_star).sum())
+            if self._rhs is not None:
+                self._reference = float((self.w_star * (self._rhs - self.cholesky.lam * self.w_star)).sum())
+            else:
+                self._reference = float(((self.w_star @ self.gram) * self.w_star).sum())
         return self._reference
 
     def solution(
         self, weight: torch.Tensor, mask: torch.Tensor, iterations: int = 1, escalations: int = 0,
-        started: float | None = None, **info: Any
+        started: float | None = None, error: float | None = None, **info: Any
     ) -> LayerSolution:
-        """Package a pruned weight: zero it off ``mask``, compute its error, stop the clock (started at
-        ``started``, default when the problem was built).
+        """Package a pruned weight: zero it off ``mask``, compute its error (unless the solver knows it:
+        ``error``), stop the clock (started at ``started``, default when the problem was built).
 
         ``escalations`` counts damping escalations of factorisations beyond the problem's own.
         """
@@ -129,7 +133,7 @@ class LayerProblem:
         return LayerSolution(
             weight=weight.to(self.out_dtype),
             mask=mask,
-            error=reconstruction_error(weight, self.w_star, self.gram),
+            error=reconstruction_error(weight, self.w_star, self.gram) if error is None else error,
             reference=self.reference,
             damping=float(self.cholesky.lam),
             escalations=self.cholesky.escalations + escalations,
