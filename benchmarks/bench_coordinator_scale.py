@@ -15,6 +15,9 @@ spectrum and outlier channels) and Gaussian weights with SmolLM2 layer 1's per-m
 deviations scaled by ``sqrt(576 / fan_in)``, so the activations keep the real layer's magnitude.
 ``--synthetic-small`` adds a synthetic row at 576 x 1536 to compare with the real one.
 
+With ``--count-ops`` each method runs once more under ``torch.profiler`` (untimed): the operators it
+launches, a proxy for the launch overhead a GPU pays, and where its CPU time goes.
+
 With ``--whole-model`` on a GPU (or any device given) it also times ``sparsesolve.prune`` on a
 random-init Llama of ``--model-shape`` (default the 7B shape, 2 decoder layers) with
 ``--model-windows`` x ``--model-seq-len`` random token windows, both methods, with peak device memory.
@@ -76,8 +79,24 @@ def synthetic_ffn(d_model: int, d_ff: int, tokens: int, seed: int) -> tuple[torc
     return ffn, llm_like_inputs(tokens, d_model, seed)
 
 
-def time_methods(ffn: torch.nn.Module, x: torch.Tensor, pattern: str) -> dict[str, Any]:
-    """Prune copies of ``ffn`` with sparsegpt and sparsellm; seconds, errors and refit iterations."""
+def count_ops(ffn: torch.nn.Module, x: torch.Tensor, pattern: str, method: str, options: dict[str, Any]) -> dict[str, Any]:
+    """Run ``method`` once more under ``torch.profiler``: operators launched (a proxy for a GPU's launch
+    overhead) and the five operators with the most self time."""
+    import sparsesolve as ss
+    from sparsesolve.streaming import DEFAULT_CHUNK
+
+    model = torch.nn.Sequential(copy.deepcopy(ffn)).to(x.device)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        ss.prune(model, x, method=method, pattern=pattern, chunk_size=DEFAULT_CHUNK, **options)
+    events = prof.key_averages()
+    top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:5]
+    return {"ops": sum(e.count for e in events),
+            "top_self_s": {e.key: round(e.self_cpu_time_total / 1e6, 2) for e in top}}
+
+
+def time_methods(ffn: torch.nn.Module, x: torch.Tensor, pattern: str, ops: bool = False) -> dict[str, Any]:
+    """Prune copies of ``ffn`` with sparsegpt and sparsellm; seconds, errors and refit iterations (with
+    ``ops``, also ``count_ops`` of each in a separate, untimed run)."""
     import sparsesolve as ss
     from sparsesolve.decoder import DECODER_SPARSELLM_DEFAULTS
     from sparsesolve.streaming import DEFAULT_CHUNK
@@ -91,6 +110,8 @@ def time_methods(ffn: torch.nn.Module, x: torch.Tensor, pattern: str) -> dict[st
         _sync(x.device)
         out[f"{method}_s"] = time.perf_counter() - started
         out[f"{method}_error"] = result.relative_error
+        if ops:
+            out[f"{method}_profile"] = count_ops(ffn, x, pattern, method, options)
         if method == "sparsellm":
             out["sparsellm_refine_iterations"] = result.history[-1]["refine_iterations"] if result.history else {}
             out["sparsellm_best_iteration"] = result.best_iteration
@@ -161,6 +182,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--synthetic-small", action="store_true", help="also a synthetic row at 576x1536")
+    parser.add_argument("--count-ops", action="store_true", help="also count the operators each method launches (profiled rerun)")
     parser.add_argument("--whole-model", action="store_true", help="also time a random-init Llama (--model-shape)")
     parser.add_argument("--model-shape", default="4096x11008")
     parser.add_argument("--model-layers", type=int, default=2)
@@ -190,7 +212,7 @@ def main() -> None:
         ffn, x = ffn.to(args.device), x.to(args.device)
         for pattern in args.patterns.split(","):
             row = {"d_model": d_model, "d_ff": d_ff, "tokens": tokens, "pattern": pattern, "device": args.device,
-                   "threads": torch.get_num_threads(), "source": source, **time_methods(ffn, x, pattern)}
+                   "threads": torch.get_num_threads(), "source": source, **time_methods(ffn, x, pattern, args.count_ops)}
             keep(row)
             print(json.dumps(row), flush=True)
     if args.whole_model:

@@ -130,7 +130,7 @@ def test_coordinator_scale_benchmark_smoke(tmp_path, monkeypatch) -> None:
     from benchmarks import bench_coordinator_scale
 
     monkeypatch.setattr(sys, "argv", ["bench_coordinator_scale", "--widths", "64x128", "--tokens", "512", "--patterns",
-                                      "2:4", "--threads", "1", "--whole-model", "--model-shape", "64x128", "--model-layers",
+                                      "2:4", "--threads", "1", "--count-ops", "--whole-model", "--model-shape", "64x128", "--model-layers",
                                       "1", "--model-windows", "2", "--model-seq-len", "32", "--out", str(tmp_path)])
     bench_coordinator_scale.main()
     data = json.loads((tmp_path / "coordinator_scale.json").read_text())
@@ -139,6 +139,6 @@ def test_coordinator_scale_benchmark_smoke(tmp_path, monkeypatch) -> None:
                 "sparsegpt_error", "sparsellm_error"):
         assert key in row
     assert (row["d_model"], row["d_ff"], row["tokens"], row["device"]) == (64, 128, 512, "cpu")
-    assert row["sparsellm_error"] <= row["sparsegpt_error"]
+    assert row["sparsellm_error"] <= row["sparsegpt_error"] and row["sparsellm_profile"]["ops"] > row["sparsegpt_profile"]["ops"] > 0
     assert [r["method"] for r in data["whole_model"]] == ["sparsegpt", "sparsellm"]
     assert "| 64 x 128 | synthetic | 512 | 2:4 |" in bench_coordinator_scale.table(tmp_path)
