@@ -113,7 +113,8 @@ def time_methods(ffn: torch.nn.Module, x: torch.Tensor, pattern: str, ops: bool 
         if ops:
             out[f"{method}_profile"] = count_ops(ffn, x, pattern, method, options)
         if method == "sparsellm":
-            out["sparsellm_refine_iterations"] = result.history[-1]["refine_iterations"] if result.history else {}
+            best = result.best_iteration
+            out["sparsellm_refine_iterations"] = result.history[best - 1]["refine_iterations"] if best else {}
             out["sparsellm_best_iteration"] = result.best_iteration
     out["time_ratio"] = out["sparsellm_s"] / out["sparsegpt_s"]
     out["error_ratio"] = out["sparsellm_error"] / out["sparsegpt_error"]

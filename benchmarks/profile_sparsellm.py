@@ -27,11 +27,11 @@ from benchmarks.common import metadata, parse_options, write_json
 
 #: coordinator parts: (label, module file suffix, function name)
 PARTS = [
-    ("consistency refits", "coordinator.py", "_consistent_candidate"),
+    ("coordinated pass solves (masked solve and refit)", "coordinator.py", "solve"),
+    ("conjugate-gradient refits", "cg_refit.py", "cg_refit"),
     ("gate / activation proximal updates", "coordinator.py", "update_preactivation"),
     ("activation ridge updates", "coordinator.py", "update_activation"),
     ("masked solves (all)", "sparsegpt.py", "sparsegpt"),
-    ("exact fixed-mask refits (all)", "refit.py", "refit"),
     ("cross-covariances", "coordinator.py", "cross"),
     ("one-shot start", "sequential.py", "layerwise"),
     ("dense auxiliaries", "coordinator.py", "__init__"),

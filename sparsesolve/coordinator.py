@@ -260,6 +260,8 @@ def sparsellm(
         raise ValueError(f"prox_steps must be at least 1, got {prox_steps}")
     if iterations < 0 or min(alpha, beta, gamma) <= 0:
         raise ValueError("sparsellm needs iterations >= 0 and positive penalties alpha, beta, gamma")
+    if refine_tol <= 0 or (refine_iter is not None and refine_iter < 0):
+        raise ValueError(f"sparsellm needs refine_tol > 0 and refine_iter >= 0 (or None), got {refine_tol}, {refine_iter}")
     if not reselect_mask and refine == "none":
         raise ValueError("reselect_mask=False keeps the masks and only refits: choose refine 'cg' or 'exact'")
     started = time.perf_counter()

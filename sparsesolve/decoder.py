@@ -276,7 +276,7 @@ def prune_decoder(
     - ``layers``: which decoder layers to prune (``select_layers``: ``None`` = all, ``"first-half"`` = the
       SparseLLM paper's setting, ``"0:15"``, a list); the others keep their dense weights.
     - ``solver_options``: for every per-layer solve (e.g. ``{"damp": 0.01}``); ``sparsellm_options``:
-      ``iterations``, ``alpha``, ``beta``, ``gamma``, ``reselect_mask``, ``refine``, ``refine_tol``, ``prox``,
+      ``iterations``, ``alpha``, ``beta``, ``gamma``, ``reselect_mask``, ``refine``, ``refine_tol``, ``refine_iter``, ``prox``,
       ``prox_steps`` for the FFN coordinator (defaults ``DECODER_SPARSELLM_DEFAULTS``).
     - ``batch_size``: windows per forward pass; ``storage_dtype``: dtype of stored activations (default
       the model's; ``torch.bfloat16`` halves activation memory; solves stay float32); ``device``: where

@@ -71,12 +71,12 @@ def test_masked_decay_touches_only_pruned_weights(form: str) -> None:
         masked_decay_gradient_([layer], 0.5)
         change = layer.module.weight.grad.T
     else:
-        change = decay_terms([layer], 0.5)[layer.module.weight].T
+        change = decay_terms([layer], 0.5)[layer.module.weight]().T
     torch.testing.assert_close(change, 0.5 * w0 * ~layer.mask)
     assert (change[layer.mask] == 0).all() and (change[~layer.mask] != 0).all()
     layer.mask = layer.mask.int()
     with pytest.raises(TypeError, match="boolean"):
-        decay_terms([layer], 0.5)
+        decay_terms([layer], 0.5)[layer.module.weight]()
 
 
 def test_update_form_decay_follows_the_adam_recurrence_under_zero_loss_gradient() -> None:

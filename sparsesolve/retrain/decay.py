@@ -19,7 +19,7 @@ Masks are boolean, so ``~M`` is the pruned set: the released GPT-2 code stored m
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -39,14 +39,18 @@ def _pruned_part(layer: SparseLinear) -> torch.Tensor:
     """``~M * W`` in the module's own weight layout; refuses non-boolean masks."""
     if layer.mask.dtype != torch.bool:
         raise TypeError(f"masks must be boolean (got {layer.mask.dtype}): ~mask of an integer mask decays every weight")
-    pruned = layer.weight_out_in().detach() * ~layer.mask
+    with torch.no_grad():
+        pruned = layer.weight_out_in().detach() * ~layer.mask
     return pruned.T if layer.transposed else pruned
 
 
-@torch.no_grad()
-def decay_terms(layers: Iterable[SparseLinear], lam: float) -> dict[torch.nn.Parameter, torch.Tensor]:
-    """``{weight parameter: lam * (~M * W)}`` for the update form (``MaskedAdamW.step(decay=...)``)."""
-    return {layer.module.weight: _pruned_part(layer) * lam for layer in layers}
+def decay_terms(layers: Iterable[SparseLinear], lam: float) -> dict[torch.nn.Parameter, Callable[[], torch.Tensor]]:
+    """``{weight parameter: () -> lam * (~M * W)}`` for the update form (``MaskedAdamW.step(decay=...)``);
+    each term is computed when the optimiser reaches its parameter, so one weight's copy exists at a time."""
+    def term(layer: SparseLinear) -> Callable[[], torch.Tensor]:
+        return lambda: _pruned_part(layer).mul_(lam)
+
+    return {layer.module.weight: term(layer) for layer in layers}
 
 
 @torch.no_grad()

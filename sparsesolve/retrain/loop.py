@@ -20,9 +20,10 @@ Per optimiser step ``s`` (of ``tokens // (batch_size * seq_len)``):
 
 At the end the master weights are projected onto their masks (exact N:M) and the model is saved as a
 standard transformers folder (plus ``masks.safetensors``, ``slorb.safetensors`` when SLoRB is on, and
-``report.json`` with the log); the student is left as saved (plain modules, SLoRB attached as
+``report.json`` with the log); on rank 0 the student is left as saved (plain modules, SLoRB attached as
 ``load_model`` attaches it), so it gives the same logits as the reloaded folder. A checkpoint is never
-written with non-finite weights. Dropout stays off (eval mode), so a step is a deterministic function of
+written with non-finite weights (every rank checks), and ``resume`` refuses a checkpoint trained with
+another decay form or strength. Dropout stays off (eval mode), so a step is a deterministic function of
 the weights and the data.
 """
 
@@ -185,8 +186,13 @@ def retrain(student: PreTrainedModel, teacher: PreTrainedModel, tokenizer: PreTr
                              {"params": no_decay, "weight_decay": 0.0}], lr=config.lr, betas=(config.beta1, config.beta2))
     log: list[dict[str, Any]] = []
     first = 0
+    lambda_max = config.lambda_max if config.lambda_max is not None else DEFAULT_LAMBDA[config.decay]
+    decay_setting = {"decay": config.decay, "lambda_max": lambda_max}
     if resume and checkpoint_path.exists():
         state = torch.load(checkpoint_path, weights_only=False)
+        if state.get("decay_setting", decay_setting) != decay_setting:
+            raise ValueError(f"{checkpoint_path} was trained with {state['decay_setting']}, this run asks for "
+                             f"{decay_setting}: pass the same --decay and --lambda-max to --resume")
         student.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         log, first = state["log"], state["step"]
@@ -194,7 +200,6 @@ def retrain(student: PreTrainedModel, teacher: PreTrainedModel, tokenizer: PreTr
         for p in student.state_dict().values():
             dist.broadcast(p, 0)
     tokens = corpus_tokens(tokenizer, "wiki", "train")
-    lambda_max = config.lambda_max if config.lambda_max is not None else DEFAULT_LAMBDA[config.decay]
     sparse = list(layers.values())
     micro = config.batch_size // (world * config.grad_accum)
     device = next(student.parameters()).device
@@ -229,19 +234,20 @@ def retrain(student: PreTrainedModel, teacher: PreTrainedModel, tokenizer: PreTr
         entry = {"step": step + 1, "tokens": (step + 1) * config.batch_size * config.seq_len, "lr": lr, **totals,
                  "grad_norm": norm}
         if not (math.isfinite(totals["loss"]) and math.isfinite(norm)):
+            # every rank sees the same all-reduced loss and gradients, so all decide alike
             if config.on_nonfinite == "stop":
                 raise FloatingPointError(
                     f"non-finite {'loss' if not math.isfinite(totals['loss']) else 'gradient norm'} at step {step + 1}; "
                     f"weights unchanged, last checkpoint in {folder.checkpoints}: lower --lr and --resume, "
                     "or --on-nonfinite skip")
             optimizer.zero_grad(set_to_none=True)
-            log.append({**entry, "skipped": True})
-            continue
-        lam = annealed_lambda(step, lambda_max, round(config.decay_warmup * config.steps))
-        if config.decay == "gradient":
-            masked_decay_gradient_(sparse, lam)
-        optimizer.step(decay=decay_terms(sparse, lam) if config.decay == "update" else None)
-        entry["lambda"] = lam
+            entry["skipped"] = True
+        else:
+            lam = annealed_lambda(step, lambda_max, round(config.decay_warmup * config.steps))
+            if config.decay == "gradient":
+                masked_decay_gradient_(sparse, lam)
+            optimizer.step(decay=decay_terms(sparse, lam) if config.decay == "update" else None)
+            entry["lambda"] = lam
         refresh = not config.fixed_mask and step + 1 > config.fixed_mask_steps and (step + 1) % config.mask_interval == 0
         if refresh:
             flips = sum(layer.refresh_mask() for layer in sparse)
@@ -252,11 +258,16 @@ def retrain(student: PreTrainedModel, teacher: PreTrainedModel, tokenizer: PreTr
         log.append(entry)
         bar.set_postfix(loss=f"{totals['loss']:.3f}", kl=f"{totals['kl']:.3f}",
                         flips=f"{entry.get('flip_rate', 0.0):.4f}")
-        if rank == 0 and ((step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps):
-            if not all(bool(torch.isfinite(p).all()) for p in student.parameters()):
+        if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
+            finite = torch.tensor(float(all(bool(torch.isfinite(p).all()) for p in student.parameters())), device=device)
+            if world > 1:
+                dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+            if not bool(finite):
                 raise FloatingPointError(f"non-finite weights at step {step + 1}: no checkpoint written; "
                                          f"the last good one is in {folder.checkpoints}")
-            state = {"model": student.state_dict(), "optimizer": optimizer.state_dict(), "log": log, "step": step + 1}
+        if rank == 0 and ((step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps):
+            state = {"model": student.state_dict(), "optimizer": optimizer.state_dict(), "log": log, "step": step + 1,
+                     "decay_setting": decay_setting}
             checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(checkpoint_path, lambda path: torch.save(state, path))
     report = {"config": asdict(config), "steps": config.steps, "log": log, "seconds": time.perf_counter() - started,

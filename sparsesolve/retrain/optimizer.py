@@ -13,7 +13,7 @@ With ``d = 0`` this is exactly ``torch.optim.AdamW``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -32,8 +32,10 @@ class MaskedAdamW(torch.optim.Optimizer):
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
 
     @torch.no_grad()
-    def step(self, closure: Any = None, decay: dict[torch.Tensor, torch.Tensor] | None = None) -> None:  # type: ignore[override]
-        """One AdamW step; ``decay`` maps parameters to their decay terms ``d`` (same shape)."""
+    def step(self, closure: Any = None,  # type: ignore[override]
+             decay: dict[torch.Tensor, Callable[[], torch.Tensor]] | None = None) -> None:
+        """One AdamW step; ``decay`` maps parameters to functions giving their decay terms ``d`` (same
+        shape), called when the step reaches the parameter."""
         if closure is not None:
             raise ValueError("MaskedAdamW does not take a closure")
         decay = decay or {}
@@ -49,7 +51,8 @@ class MaskedAdamW(torch.optim.Optimizer):
                     state["exp_avg_sq"] = torch.zeros_like(p)
                 state["step"] += 1
                 t = state["step"]
-                g, d = p.grad, decay.get(p)
+                g = p.grad
+                d = decay[p]() if p in decay else None
                 state["exp_avg"].mul_(beta1).add_(g, alpha=1 - beta1)
                 second = g if d is None else g + d
                 state["exp_avg_sq"].mul_(beta2).addcmul_(second, second, value=1 - beta2)

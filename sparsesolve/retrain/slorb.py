@@ -79,7 +79,7 @@ def attach_slorb(model: nn.Module, state: dict[str, torch.Tensor], k: int) -> in
                       dtype=torch.bool), k, trainable_projection=f"{name}.projection" in state)
         slorb.load_state_dict({key.rsplit(".", 1)[1]: value for key, value in state.items()
                                if key.rsplit(".", 1)[0] == name})
-        setattr(parent, child, WithSLoRB(module, slorb.to(module.weight.dtype)))
+        setattr(parent, child, WithSLoRB(module, slorb.to(device=module.weight.device, dtype=module.weight.dtype)))
     return len(names)
 
 

@@ -40,7 +40,7 @@ class SparseLinear(nn.Module):
             raise ValueError(f"mask shape {tuple(mask.shape)} does not match the weight {tuple(weight.shape)} (out x in)")
         self.register_buffer("mask", mask.to(weight.device))
         source = weight if slorb_dense is None else slorb_dense.to(weight.device)
-        self.slorb = SLoRB(source, mask, slorb_k, slorb_trainable_projection) if slorb_k else None
+        self.slorb = SLoRB(source, self.mask, slorb_k, slorb_trainable_projection) if slorb_k else None
 
     def weight_out_in(self) -> torch.Tensor:
         """The dense master weight as ``out x in`` (a view: gradients reach the module's parameter)."""

@@ -1,4 +1,4 @@
-"""ADMM for the cardinality-constrained layer problem (ALPS-style), finished by an exact refit.
+"""ADMM for the cardinality-constrained layer problem (ALPS-style), finished by a refit on its support.
 
 Work in the rescaled space where ``diag(Hd) = 1`` (``d = sqrt(diag Hd)``, ``Hs = Hd / (d d^T)``,
 weights times ``d``), so that the pattern projection compares ``|W_ij| d_j`` (a Wanda-like score)
@@ -40,7 +40,8 @@ def admm(
     compute_dtype: torch.dtype | None = None,
     problem: LayerProblem | None = None,
 ) -> LayerSolution:
-    """Prune ``weight`` (m x n) to ``pattern`` by ADMM on ``(W*, Hd)``, then refit the support exactly.
+    """Prune ``weight`` (m x n) to ``pattern`` by ADMM on ``(W*, Hd)``, then refit the support
+    (``refit_by_cost``: exactly on small layers, by conjugate gradients to ``CG_TOL`` on wide ones).
 
     ``rho`` is the initial penalty (relative: ``diag Hs = 1``), capped at ``rho_max``; ``tol`` bounds
     ``||B - D|| / ||D||`` for stopping. ``info`` of the result holds ``rho`` (final) and
