@@ -26,8 +26,8 @@ the auxiliaries from the dense forward pass. One iteration:
 Step 2 replaces the two steps of the paper's formulation (a masked solve on the auxiliary inputs, then
 a consistency refit on the true ones) by one: the solve on auxiliary inputs only steered the next
 auxiliary update, and steering it with the consistent weights instead costs one solve per linear and
-iteration instead of two (measured on SmolLM2: lower error at 70 %, within 2 % at 2:4 before the refit;
-see ``benchmarks/README.md``). ``F`` is not monotone across step 2 (the weights fit the true inputs,
+iteration instead of two (the P1 runs and the scale benchmark in README.md measure what it costs and
+gains). ``F`` is not monotone across step 2 (the weights fit the true inputs,
 not the auxiliaries); keep-best guards the result.
 
 Only the ratios ``beta / gamma`` and ``alpha / gamma`` matter: scaling all three by a common factor
