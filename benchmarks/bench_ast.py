@@ -38,25 +38,20 @@ RUNS = {  # name: (start, options)
 
 def one_shot(model_name: str, method: str, work: Path, nsamples: int, seq_len: int) -> Path:
     """The one-shot 2:4 model of ``method`` in ``WORK/oneshot-METHOD`` (pruned once, then reused)."""
-    from sparsesolve import prune
-    from sparsesolve.data import calibration_windows, corpus_tokens
-    from sparsesolve.models import load_model
-    from sparsesolve.output import OutputFolder
+    from sparsesolve.config import CalibrationConfig, EvaluationConfig, RunConfig
+    from sparsesolve.core.config import PruneConfig
+    from sparsesolve.pipeline import run_prune
 
     path = work / f"oneshot-{method}"
     if not path.exists():
-        model, tokenizer = load_model(model_name)
-        windows = calibration_windows(corpus_tokens(tokenizer, "wiki", "train"), nsamples, seq_len, seed=0)
-        result = prune(model, windows, method=method, pattern="2:4", progress=True)
-        folder = OutputFolder(path)
-        folder.begin()
-        folder.commit(model, tokenizer, result.masks, {"method": method, "pattern": "2:4", "calibration": [nsamples, seq_len]})
+        run_prune(RunConfig(model_name, PruneConfig("2:4", method=method), CalibrationConfig("wiki", nsamples, seq_len, seed=0),
+                            EvaluationConfig(corpora=(), seq_len=seq_len), out=str(path)))
     return path
 
 
 def test_perplexities(model: Any, tokenizer: Any, args: argparse.Namespace) -> dict[str, float]:
     """Wiki and PTB test perplexity on the first ``--eval-windows`` windows of ``--test-seq-len`` (P1: 64 x 512)."""
-    from sparsesolve.evaluate import perplexity
+    from sparsesolve.lm.evaluate import perplexity
 
     return {c: perplexity(model, c, args.test_seq_len, args.eval_windows, tokenizer=tokenizer, progress=False)
             for c in ("wiki", "ptb")}
@@ -64,7 +59,7 @@ def test_perplexities(model: Any, tokenizer: Any, args: argparse.Namespace) -> d
 
 def run(name: str, args: argparse.Namespace) -> dict[str, Any]:
     """One retraining run; its record."""
-    from sparsesolve.models import load_model
+    from sparsesolve.lm.models import load_model
     from sparsesolve.retrain import RetrainConfig, retrain, sparse_student
 
     start, options = RUNS[name]
@@ -178,8 +173,8 @@ def main() -> None:
         parser.error(f"unknown run {unknown[0]!r}; choose from {', '.join(RUNS)}")
     args.work.mkdir(parents=True, exist_ok=True)
     if not (args.out / "dense.json").exists():
-        from sparsesolve.evaluate import perplexity
-        from sparsesolve.models import load_model
+        from sparsesolve.lm.evaluate import perplexity
+        from sparsesolve.lm.models import load_model
 
         model, tokenizer = load_model(args.model, device=args.device)
         validation = perplexity(model, "wiki", args.seq_len, 16, tokenizer=tokenizer, split="validation", progress=False)

@@ -19,11 +19,11 @@ SIZES = (4, 16)
 
 def main() -> None:
     """Run every (size, method) pair and write the JSON."""
-    from sparsesolve.data import calibration_windows, corpus_tokens
-    from sparsesolve.decoder import prune_decoder
-    from sparsesolve.evaluate import perplexity
-    from sparsesolve.models import load_model
-    from sparsesolve.patterns import parse_pattern
+    from sparsesolve.core.config import PruneConfig, SparseLLMConfig
+    from sparsesolve.lm.data import calibration_windows, corpus_tokens
+    from sparsesolve.lm.decoder import prune_decoder
+    from sparsesolve.lm.evaluate import perplexity
+    from sparsesolve.lm.models import load_model
 
     dense, tokenizer = load_model("smollm2-135m")
     test = corpus_tokens(tokenizer, "wiki", "test")
@@ -33,10 +33,11 @@ def main() -> None:
         calibration = calibration_windows(train, windows, SEQ_LEN, seed=0)
         for method, options in (("sparsegpt", {}), ("sparsellm", {"prox": "global"}), ("sparsellm", {"prox": "local"})):
             model = copy.deepcopy(dense)
-            result = prune_decoder(model, calibration, parse_pattern("0.5"), method=method, layers=[0],
-                                   sparsellm_options=options, progress=False)
+            coordinator = SparseLLMConfig.for_language_models(**options) if method == "sparsellm" else None
+            result = prune_decoder(model, calibration, PruneConfig("0.5", method=method, layers=[0], sparsellm=coordinator),
+                                   progress=False)
             rows.append({"windows": windows, "tokens": windows * SEQ_LEN, "method": method, **options,
-                         "ffn_relative_error": result.layers[0]["ffn"]["relative_error"],
+                         "ffn_relative_error": result.layers[0].ffn.relative_error,
                          "perplexity": perplexity(model, test, SEQ_LEN, 4, progress=False)})
             print(rows[-1], flush=True)
     write_json("calibration_size", {"meta": metadata("benchmarks.bench_calibration_size", 0), "rows": rows})

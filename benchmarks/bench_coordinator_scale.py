@@ -5,7 +5,7 @@
 
 One row per (width, pattern, device): both methods prune the same FFN ``down(silu(gate x) * up x)`` from
 the same calibration inputs in the same process and thread count, sparsellm with the language-model
-defaults (``DECODER_SPARSELLM_DEFAULTS``). The error is the FFN's relative output error
+defaults (``SparseLLMConfig.for_language_models()``). The error is the FFN's relative output error
 ``||F(X) - F_hat(X)||^2 / ||F(X)||^2`` on the calibration tokens.
 
 Inputs: at SmolLM2's width (576 x 1536) the real FFN of decoder layer 1 and its real inputs (the
@@ -45,9 +45,9 @@ WIDTHS = "576x1536,1024x2816,2048x5632,4096x11008"
 
 def real_ffn(tokens: int) -> tuple[torch.nn.Module, torch.Tensor]:
     """SmolLM2's decoder layer 1 FFN as a ``GatedMLP`` and its first ``tokens`` real inputs."""
-    from sparsesolve.chain import GatedMLP
-    from sparsesolve.data import calibration_windows, corpus_tokens
-    from sparsesolve.models import load_model
+    from sparsesolve.core.chain import GatedMLP
+    from sparsesolve.lm.data import calibration_windows, corpus_tokens
+    from sparsesolve.lm.models import load_model
 
     model, tokenizer = load_model("smollm2-135m")
     windows = calibration_windows(corpus_tokens(tokenizer, "wiki", "train"), -(-tokens // 512), 512, seed=0)
@@ -69,7 +69,7 @@ SMOLLM2_STD = {"up": 0.181, "gate": 0.204, "down": 0.184}
 
 def synthetic_ffn(d_model: int, d_ff: int, tokens: int, seed: int) -> tuple[torch.nn.Module, torch.Tensor]:
     """A Gaussian gated FFN with SmolLM2-like scales and LLM-like inputs (module docstring)."""
-    from sparsesolve.chain import GatedMLP
+    from sparsesolve.core.chain import GatedMLP
 
     g = torch.Generator().manual_seed(seed)
     ffn = GatedMLP(d_model, d_ff)
@@ -83,11 +83,10 @@ def count_ops(ffn: torch.nn.Module, x: torch.Tensor, pattern: str, method: str, 
     """Run ``method`` once more under ``torch.profiler``: operators launched (a proxy for a GPU's launch
     overhead) and the five operators with the most self time."""
     import sparsesolve as ss
-    from sparsesolve.streaming import DEFAULT_CHUNK
 
     model = torch.nn.Sequential(copy.deepcopy(ffn)).to(x.device)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        ss.prune(model, x, method=method, pattern=pattern, chunk_size=DEFAULT_CHUNK, **options)
+        ss.prune(model, x, method=method, pattern=pattern, **options)
     events = prof.key_averages()
     top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:5]
     return {"ops": sum(e.count for e in events),
@@ -98,15 +97,14 @@ def time_methods(ffn: torch.nn.Module, x: torch.Tensor, pattern: str, ops: bool 
     """Prune copies of ``ffn`` with sparsegpt and sparsellm; seconds, errors and refit iterations (with
     ``ops``, also ``count_ops`` of each in a separate, untimed run)."""
     import sparsesolve as ss
-    from sparsesolve.decoder import DECODER_SPARSELLM_DEFAULTS
-    from sparsesolve.streaming import DEFAULT_CHUNK
+    from sparsesolve.core.config import SparseLLMConfig
 
     out: dict[str, Any] = {}
-    for method, options in (("sparsegpt", {}), ("sparsellm", DECODER_SPARSELLM_DEFAULTS)):
+    for method, options in (("sparsegpt", {}), ("sparsellm", {"sparsellm": SparseLLMConfig.for_language_models()})):
         model = torch.nn.Sequential(copy.deepcopy(ffn)).to(x.device)
         _sync(x.device)
         started = time.perf_counter()
-        result = ss.prune(model, x, method=method, pattern=pattern, chunk_size=DEFAULT_CHUNK, **options)
+        result = ss.prune(model, x, method=method, pattern=pattern, **options)
         _sync(x.device)
         out[f"{method}_s"] = time.perf_counter() - started
         out[f"{method}_error"] = result.relative_error

@@ -27,26 +27,21 @@ def main() -> None:
     parser.add_argument("--patterns", default="0.5,2:4,0.7,0.9")
     args = parser.parse_args()
 
-    from sparsesolve import prune
-    from sparsesolve.data import calibration_windows, corpus_tokens
-    from sparsesolve.export import export_compressed
-    from sparsesolve.models import load_model
-    from sparsesolve.output import OutputFolder
-    from sparsesolve.patterns import parse_pattern
+    from sparsesolve.config import CalibrationConfig, EvaluationConfig, RunConfig
+    from sparsesolve.core.config import PruneConfig
+    from sparsesolve.deploy.export import export_compressed
+    from sparsesolve.lm.models import load_model
+    from sparsesolve.pipeline import run_prune
 
     rows = []
     work = Path(tempfile.mkdtemp(prefix="bench_export_"))
     try:
         for spec in args.patterns.split(","):
-            model, tokenizer = load_model(args.model)
-            windows = calibration_windows(corpus_tokens(tokenizer, "wiki", "train"), 1, 128)
-            result = prune(model, windows, method="magnitude", pattern=parse_pattern(spec), progress=False)
             saved = work / "pruned"
-            shutil.rmtree(saved, ignore_errors=True)
-            folder = OutputFolder(saved)
-            folder.begin()
-            folder.commit(model, tokenizer, result.masks, {})
-            expected = model.state_dict()
+            done = run_prune(RunConfig(args.model, PruneConfig(spec, method="magnitude"), CalibrationConfig("wiki", 1, 128),
+                                       EvaluationConfig(corpora=(), seq_len=128), out=str(saved), overwrite=True),
+                             progress=False)
+            result, expected = done.prune, done.model.state_dict()
             row = {"pattern": spec, "sparsity": result.sparsity}
             for dtype in (torch.float32, torch.float16):
                 out = work / f"compressed-{dtype}"

@@ -15,9 +15,9 @@ import argparse
 import numpy as np
 
 from benchmarks.common import metadata, write_json
-from sparsesolve.patterns import NM, Unstructured
-from sparsesolve.reference import brute_force, random_problem
-from sparsesolve.solvers import SOLVERS, reconstruction_error
+from sparsesolve.core.patterns import NM, Unstructured
+from sparsesolve.core.reference import brute_force, random_problem
+from sparsesolve.core.solvers import SOLVERS, reconstruction_error
 
 
 def main() -> None:

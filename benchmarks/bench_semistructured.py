@@ -43,7 +43,7 @@ def linear_rows(backend: str) -> list[dict]:
     """Dense vs 2:4 milliseconds per (shape, tokens)."""
     from torch.sparse import SparseSemiStructuredTensor, to_sparse_semi_structured
 
-    from sparsesolve.patterns import NM
+    from sparsesolve.core.patterns import NM
 
     SparseSemiStructuredTensor._FORCE_CUTLASS = backend == "cutlass"
     rows = []
@@ -65,9 +65,9 @@ def linear_rows(backend: str) -> list[dict]:
 def model_rows(backend: str) -> list[dict]:
     """Whole SmolLM2 forward at 2:4 (magnitude), dense weights vs converted, per batch of 128-token windows."""
     from sparsesolve import prune
-    from sparsesolve.data import calibration_windows, corpus_tokens
-    from sparsesolve.models import load_model
-    from sparsesolve.semistructured import to_semi_structured
+    from sparsesolve.deploy.semistructured import to_semi_structured
+    from sparsesolve.lm.data import calibration_windows, corpus_tokens
+    from sparsesolve.lm.models import load_model
 
     model, tokenizer = load_model("smollm2-135m")
     prune(model, calibration_windows(corpus_tokens(tokenizer, "wiki", "train"), 1, 128), method="magnitude",

@@ -20,8 +20,8 @@ import torch
 
 from benchmarks.common import metadata, write_json
 from benchmarks.synthetic import llm_like_inputs
-from sparsesolve.patterns import parse_pattern
-from sparsesolve.solvers import SOLVERS, refit
+from sparsesolve.core.patterns import parse_pattern
+from sparsesolve.core.solvers import SOLVERS, refit
 
 SHAPES = "576x1536,1536x576,768x3072,3072x768"  # add 4096x4096 with --shapes (about 20 min on 2 cores)
 
@@ -41,9 +41,9 @@ def synthetic_problems(shapes: list[tuple[int, int]], seed: int) -> list[Problem
 
 def real_problems(model_name: str, layer: int, nsamples: int, seq_len: int) -> list[Problem]:
     """Every linear of decoder layer ``layer`` of the dense model with the Gram of its calibration inputs."""
-    from sparsesolve.adapters import get_adapter
-    from sparsesolve.data import calibration_windows, corpus_tokens
-    from sparsesolve.models import load_model
+    from sparsesolve.lm.adapters import get_adapter
+    from sparsesolve.lm.data import calibration_windows, corpus_tokens
+    from sparsesolve.lm.models import load_model
 
     model, tokenizer = load_model(model_name)
     linears = get_adapter(model).layer_map(model, layer).linears

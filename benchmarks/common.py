@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sparsesolve.environment import environment
-from sparsesolve.output import atomic_write
+from sparsesolve.lm.environment import environment
+from sparsesolve.lm.output import atomic_write
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

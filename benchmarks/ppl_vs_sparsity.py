@@ -22,7 +22,6 @@ import json
 import math
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,8 +60,8 @@ def run_name(profile: str, scope: str, method: str, pattern: str, tag: str = "")
 
 
 def _perplexities(model: Any, tokenizer: Any, profile: Profile) -> dict[str, float]:
-    from sparsesolve.data import corpus_tokens
-    from sparsesolve.evaluate import perplexity
+    from sparsesolve.lm.data import corpus_tokens
+    from sparsesolve.lm.evaluate import perplexity
 
     return {c: perplexity(model, corpus_tokens(tokenizer, c, "test"), profile.seq_len, profile.eval_windows, progress=False)
             for c in profile.corpora}
@@ -70,7 +69,7 @@ def _perplexities(model: Any, tokenizer: Any, profile: Profile) -> dict[str, flo
 
 def dense(model_name: str, profile_name: str, out: Path) -> dict[str, Any]:
     """Dense perplexities of ``model_name`` under a profile (measured once, then read from JSON)."""
-    from sparsesolve.models import load_model
+    from sparsesolve.lm.models import load_model
 
     path = out / f"{profile_name}_dense.json"
     if path.exists():
@@ -85,21 +84,21 @@ def dense(model_name: str, profile_name: str, out: Path) -> dict[str, Any]:
 def one(model_name: str, profile_name: str, scope: str, method: str, pattern: str, out: Path,
         overrides: dict[str, Any], tag: str) -> None:
     """Prune, evaluate and record one run (executed in its own process)."""
-    from sparsesolve.data import calibration_windows, corpus_tokens
-    from sparsesolve.decoder import DECODER_SPARSELLM_DEFAULTS, prune_decoder
-    from sparsesolve.environment import peak_memory_mb
-    from sparsesolve.models import load_model
-    from sparsesolve.patterns import parse_pattern
+    from sparsesolve.config import CalibrationConfig, EvaluationConfig, RunConfig
+    from sparsesolve.core.config import PruneConfig, SparseLLMConfig
+    from sparsesolve.lm.environment import peak_memory_mb
+    from sparsesolve.pipeline import run_prune
 
     profile = PROFILES[profile_name]
     meta = metadata("benchmarks.ppl_vs_sparsity", 0)  # the commit and load when the run starts
-    model, tokenizer = load_model(model_name)
-    windows = calibration_windows(corpus_tokens(tokenizer, profile.calib, "train"), profile.nsamples, profile.seq_len, seed=0)
-    started = time.perf_counter()
-    options = {**DECODER_SPARSELLM_DEFAULTS, **overrides} if method == "sparsellm" else None
-    result = prune_decoder(model, windows, parse_pattern(pattern), method=method, sparsellm_options=options,
-                           layers="first-half" if scope == "first-half" else None, progress=False)
-    prune_seconds = time.perf_counter() - started
+    coordinator = SparseLLMConfig.for_language_models(**overrides) if method == "sparsellm" else None
+    config = PruneConfig(pattern, method=method, sparsellm=coordinator, layers="first-half" if scope == "first-half" else None)
+    run = RunConfig(model_name, config, CalibrationConfig(profile.calib, profile.nsamples, profile.seq_len, seed=0),
+                    EvaluationConfig(corpora=(), seq_len=profile.seq_len))  # evaluated below, non-finite recorded
+    done = run_prune(run, progress=False)
+    model, tokenizer, result = done.model, done.tokenizer, done.prune
+    options = None if coordinator is None else coordinator.to_dict()
+    prune_seconds = result.seconds
     peak_prune = peak_memory_mb()
     try:
         ppl: dict[str, float] | None = _perplexities(model, tokenizer, profile)
@@ -108,8 +107,8 @@ def one(model_name: str, profile_name: str, scope: str, method: str, pattern: st
         ppl, nonfinite = None, True
     layer_sparsity: dict[str, float] = {}
     for record in result.layers:
-        masks = [result.masks[name] for name in record["linears"]]
-        layer_sparsity[str(record["layer"])] = sum(int((~m).sum()) for m in masks) / sum(m.numel() for m in masks)
+        masks = [result.masks[name] for name in record.linears]
+        layer_sparsity[str(record.layer)] = sum(int((~m).sum()) for m in masks) / sum(m.numel() for m in masks)
     write_json(run_name(profile_name, scope, method, pattern, tag), {
         "meta": meta, "model": model_name, "profile": profile_name, "scope": scope, "method": method,
         "pattern": pattern, "calibration": vars(profile) | {"seed": 0},
@@ -118,7 +117,7 @@ def one(model_name: str, profile_name: str, scope: str, method: str, pattern: st
         "escalations": result.escalations,
         "seconds": {"prune": prune_seconds, "forward": result.forward_seconds, "solve": result.solve_seconds},
         "peak_memory_mb": {"prune": peak_prune, "total": peak_memory_mb()},
-        "ffn_relative_error": {str(r["layer"]): r["ffn"] for r in result.layers},
+        "ffn_relative_error": {str(r.layer): r.to_dict()["ffn"] for r in result.layers},
     }, out)
 
 

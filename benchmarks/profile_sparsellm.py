@@ -74,10 +74,10 @@ def main() -> None:
     args = parser.parse_args()
     variants = {name: parse_options(text) for name, text in (args.variant or [("base", "iterations=4")])}
 
-    from sparsesolve.data import calibration_windows, corpus_tokens, eval_windows
-    from sparsesolve.decoder import prune_decoder
-    from sparsesolve.models import load_model
-    from sparsesolve.patterns import parse_pattern
+    from sparsesolve.core.config import PruneConfig, SparseLLMConfig
+    from sparsesolve.lm.data import calibration_windows, corpus_tokens, eval_windows
+    from sparsesolve.lm.decoder import prune_decoder
+    from sparsesolve.lm.models import load_model
 
     model, tokenizer = load_model("smollm2-135m")
     windows = calibration_windows(corpus_tokens(tokenizer, "wiki", "train"), args.nsamples, args.seq_len, 0)
@@ -92,13 +92,14 @@ def main() -> None:
         profiler = cProfile.Profile()
         started = time.perf_counter()
         profiler.enable()
-        result = prune_decoder(model, windows, parse_pattern(args.sparsity), method=method, layers=layers,
-                               sparsellm_options=options, progress=False)
+        coordinator = None if options is None else SparseLLMConfig.for_language_models(**options)
+        result = prune_decoder(model, windows, PruneConfig(args.sparsity, method=method, layers=layers, sparsellm=coordinator),
+                               progress=False)
         profiler.disable()
         stats = pstats.Stats(profiler).stats
         parts = {label: sum(v[3] for (file, _, fn), v in stats.items() if file.endswith(suffix) and fn == func)
                  for label, suffix, func in PARTS}
-        ffn = result.layers[-1]["ffn"]
+        ffn = result.layers[-1].to_dict()["ffn"]
         rows[name] = {"options": options, "seconds": time.perf_counter() - started, "forward": result.forward_seconds,
                       "solve": result.solve_seconds, "ffn": ffn, "parts": parts if options is not None else {}}
         rows[name]["heldout_ffn_error"] = {

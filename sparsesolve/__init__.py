@@ -1,36 +1,45 @@
-"""sparsesolve: prune neural networks by solving coordinated masked least-squares subproblems."""
+"""sparsesolve: prune neural networks by solving coordinated masked least-squares subproblems.
 
-from sparsesolve.api import METHODS, prune
-from sparsesolve.chain import Chain, GatedMLP
-from sparsesolve.coordinator import ChainResult, sparsellm
-from sparsesolve.decoder import PruneResult, prune_decoder
-from sparsesolve.evaluate import perplexity
-from sparsesolve.models import load_model
-from sparsesolve.patterns import NM, Pattern, Unstructured, parse_pattern
-from sparsesolve.solvers import SOLVERS, LayerSolution, admm, magnitude, refit, sparsegpt, wanda
+The names below load on first use (PEP 562), so ``import sparsesolve`` and the command line's ``--help``
+do not import torch. Layers, lowest first: ``core`` (optimisation, no transformers), ``lm`` (language
+models), ``deploy`` (export, 2:4 kernels), ``retrain`` (AST); then ``config``, ``pipeline``, ``api``, ``cli``.
+"""
 
-__version__ = "0.1.0"
+from __future__ import annotations
 
-__all__ = [
-    "METHODS",
-    "NM",
-    "SOLVERS",
-    "Chain",
-    "ChainResult",
-    "GatedMLP",
-    "LayerSolution",
-    "Pattern",
-    "PruneResult",
-    "Unstructured",
-    "admm",
-    "magnitude",
-    "load_model",
-    "parse_pattern",
-    "perplexity",
-    "prune",
-    "prune_decoder",
-    "refit",
-    "sparsegpt",
-    "sparsellm",
-    "wanda",
-]
+from importlib import import_module
+from typing import Any
+
+from sparsesolve.version import __version__
+
+_EXPORTS = {
+    "prune": "sparsesolve.api", "prune_config": "sparsesolve.api",
+    "PruneConfig": "sparsesolve.core.config", "SparseLLMConfig": "sparsesolve.core.config",
+    "METHODS": "sparsesolve.core.config",
+    "RunConfig": "sparsesolve.config", "CalibrationConfig": "sparsesolve.config", "EvaluationConfig": "sparsesolve.config",
+    "run_prune": "sparsesolve.pipeline",
+    "Chain": "sparsesolve.core.chain", "GatedMLP": "sparsesolve.core.chain",
+    "ChainResult": "sparsesolve.core.coordinator", "sparsellm": "sparsesolve.core.coordinator",
+    "PruneResult": "sparsesolve.lm.decoder", "prune_decoder": "sparsesolve.lm.decoder",
+    "perplexity": "sparsesolve.lm.evaluate", "load_model": "sparsesolve.lm.models",
+    "NM": "sparsesolve.core.patterns", "Pattern": "sparsesolve.core.patterns", "Unstructured": "sparsesolve.core.patterns",
+    "parse_pattern": "sparsesolve.core.patterns",
+    **{name: "sparsesolve.core.solvers" for name in ("SOLVERS", "LayerSolution", "admm", "magnitude", "refit",
+                                                      "sparsegpt", "wanda")},
+}
+
+__all__ = ["__version__", *sorted(_EXPORTS)]
+
+
+def __getattr__(name: str) -> Any:
+    """Import the module that defines ``name`` on first access."""
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'sparsesolve' has no attribute {name!r}")
+    value = getattr(import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    """The public names, loaded or not."""
+    return sorted([*globals(), *_EXPORTS])

@@ -2,29 +2,45 @@
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from sparsesolve.chain import Chain
-from sparsesolve.coordinator import ChainResult, prune_chain
-from sparsesolve.decoder import PruneResult, prune_decoder
-from sparsesolve.linalg import check_finite
-from sparsesolve.patterns import Pattern, parse_pattern
-from sparsesolve.solvers import SOLVERS
+from sparsesolve.core.chain import Chain
+from sparsesolve.core.config import PruneConfig, SparseLLMConfig
+from sparsesolve.core.coordinator import ChainResult, prune_chain
+from sparsesolve.core.linalg import check_finite
+from sparsesolve.core.patterns import Pattern
+from sparsesolve.lm.decoder import PruneResult, prune_decoder
 
-METHODS = ("sparsellm", *SOLVERS)
-_SPARSELLM_OPTIONS = ("iterations", "alpha", "beta", "gamma", "reselect_mask", "refine", "refine_tol", "refine_iter",
-                      "prox", "prox_steps", "trace")
+__all__ = ["prune", "prune_config"]
+
+_PRUNE_FIELDS = {f.name for f in dataclasses.fields(PruneConfig)}
+_SPARSELLM_FIELDS = {f.name for f in dataclasses.fields(SparseLLMConfig)}
 
 
-def resolve_pattern(sparsity: float | str | None, pattern: Pattern | str | None) -> Pattern:
-    """Exactly one of ``sparsity`` (unstructured fraction) or ``pattern`` (``"2:4"``, ``Pattern``...)."""
+def prune_config(method: str = "sparsellm", sparsity: float | str | None = None, pattern: Pattern | str | None = None,
+                 *, language_model: bool = True, **options: Any) -> PruneConfig:
+    """A ``PruneConfig`` from keyword options: ``PruneConfig`` fields as they are, ``SparseLLMConfig``
+    fields (``iterations``, ``alpha`` ...) on top of the defaults of what is pruned; exactly one of
+    ``sparsity`` (e.g. 0.7) and ``pattern`` (e.g. ``"2:4"``). An unknown option is a one-line error."""
     if (sparsity is None) == (pattern is None):
         raise ValueError("give exactly one of sparsity= (e.g. 0.7) or pattern= (e.g. '2:4')")
-    return parse_pattern(pattern if pattern is not None else sparsity)
+    unknown = sorted(set(options) - _PRUNE_FIELDS - _SPARSELLM_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown option {unknown[0]!r}; options: {', '.join(sorted(_PRUNE_FIELDS - {'pattern', 'method'}))}, "
+                         f"and for sparsellm {', '.join(sorted(_SPARSELLM_FIELDS))}")
+    coordinator = {k: options.pop(k) for k in list(options) if k in _SPARSELLM_FIELDS}
+    if coordinator:
+        if method != "sparsellm":
+            raise ValueError(f"options {sorted(coordinator)} apply to method 'sparsellm' only")
+        base = options.pop("sparsellm", None) or (SparseLLMConfig.for_language_models() if language_model else SparseLLMConfig())
+        options["sparsellm"] = SparseLLMConfig.with_options(base, coordinator)
+    return PruneConfig(pattern=pattern if pattern is not None else sparsity, method=method, **options)
 
 
 def prune(
@@ -34,32 +50,40 @@ def prune(
     method: str = "sparsellm",
     sparsity: float | str | None = None,
     pattern: Pattern | str | None = None,
+    config: PruneConfig | None = None,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+    progress: bool | None = None,
     **options: Any,
 ) -> ChainResult | PruneResult:
     """Prune ``model`` in place and return the per-layer solutions, objective history and timings.
 
     - ``model``: a transformers decoder-only causal LM (Llama family, OPT, GPT-2), pruned layer by layer
-      (``decoder.prune_decoder``; returns a ``PruneResult``), or an ``nn.Sequential`` of ``Linear`` /
+      (``lm.decoder.prune_decoder``; returns a ``PruneResult``), or an ``nn.Sequential`` of ``Linear`` /
       ``GatedMLP`` and elementwise activations (returns a ``ChainResult``).
     - ``calibration``: for a language model, token ids ``n_windows x seq_len``
-      (``sparsesolve.data.calibration_windows``); for a chain, its inputs ``N x in_features``.
+      (``sparsesolve.lm.data.calibration_windows``); for a chain, its inputs ``N x in_features``.
     - ``method``: ``"sparsellm"`` coordinates the whole chain (the FFN of each decoder layer) against
       its dense output; ``"magnitude" | "wanda" | "sparsegpt" | "admm"`` prune layer by layer, each
       layer reconstructing its own dense weight from the already-pruned inputs.
     - ``sparsity`` (fraction of zeros per row) or ``pattern`` (``"2:4"``, ``"70%"``, a ``Pattern``).
-    - ``options``: ``solver_options`` (dict for the per-layer solver, e.g. ``{"damp": 0.01}``),
-      ``chunk_size``; for sparsellm also ``solver``, ``iterations``, ``alpha``, ``beta``, ``gamma``,
-      ``reselect_mask``, ``refine``, ``refine_tol``, ``refine_iter``, ``prox``, ``prox_steps``, ``storage_dtype``, ``progress`` (see
-      ``coordinator.sparsellm``; language-model defaults ``decoder.DECODER_SPARSELLM_DEFAULTS``); for a
-      language model also ``layers``, ``batch_size``, ``device``, ``checkpoint_dir``, ``resume``
-      (see ``decoder.prune_decoder``).
+    - ``config``: a whole ``PruneConfig`` instead of ``method``, ``sparsity``/``pattern`` and ``options``.
+    - ``options``: ``PruneConfig`` fields (``solver``, ``solver_options``, ``layers``, ``batch_size``,
+      ``storage_dtype``, ``device``, ``chunk_size``, ``quantizer``) and, for sparsellm, ``SparseLLMConfig``
+      fields (``iterations``, ``alpha``, ...) over the defaults of what is pruned.
+    - ``checkpoint_dir``, ``resume``: per-layer checkpoints of a language model (``prune_decoder``).
+    - ``progress``: bars (default: on for language models, off for chains).
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    chosen = resolve_pattern(sparsity, pattern)
-    if isinstance(model, PreTrainedModel):
-        coordinator = {k: options.pop(k) for k in _SPARSELLM_OPTIONS if k in options}
-        return prune_decoder(model, calibration, chosen, method=method, sparsellm_options=coordinator, **options)
+    language_model = isinstance(model, PreTrainedModel)
+    if config is None:
+        config = prune_config(method, sparsity, pattern, language_model=language_model, **options)
+    elif options or sparsity is not None or pattern is not None:
+        raise ValueError("give either config= or method/sparsity/pattern and options, not both")
+    if language_model:
+        return prune_decoder(model, calibration, config, checkpoint_dir=checkpoint_dir, resume=resume,
+                             progress=True if progress is None else progress)
+    if checkpoint_dir is not None:
+        raise ValueError("checkpoint_dir applies to language models (layer-by-layer runs) only")
     chain = Chain.from_module(model)
     width = chain.linears[0].weight.shape[1]
     if calibration.dim() != 2 or calibration.shape[0] == 0 or calibration.shape[1] != width:
@@ -68,5 +92,7 @@ def prune(
             f"got shape {tuple(calibration.shape)}"
         )
     check_finite("calibration", calibration)
+    for lin in chain.linears:
+        config.pattern.validate(tuple(lin.weight.shape))
     with torch.no_grad():
-        return prune_chain(chain, calibration, chosen, method=method, **options)
+        return prune_chain(chain, calibration, config, progress=bool(progress))

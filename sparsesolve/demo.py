@@ -13,8 +13,9 @@ import time
 import torch
 from torch import nn
 
-from sparsesolve.api import METHODS, prune
-from sparsesolve.chain import GatedMLP
+from sparsesolve.api import prune
+from sparsesolve.core.chain import GatedMLP
+from sparsesolve.core.config import METHODS
 
 
 def inputs(n_tokens: int, width: int, seed: int) -> torch.Tensor:

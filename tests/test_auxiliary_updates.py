@@ -11,9 +11,9 @@ import torch
 from conftest import correlated_inputs
 from torch import nn
 
-from sparsesolve.activations import ACTIVATIONS, get_activation
-from sparsesolve.chain import Chain, GatedMLP
-from sparsesolve.coordinator import CoordinatorState
+from sparsesolve.core.activations import ACTIVATIONS, get_activation
+from sparsesolve.core.chain import Chain, GatedMLP
+from sparsesolve.core.coordinator import CoordinatorState
 
 ALPHA, GAMMA = 0.7, 1.9
 

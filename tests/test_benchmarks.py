@@ -9,8 +9,8 @@ import torch
 from tiny_lm import save_tiny, tiny_tokenizer
 
 from benchmarks import bench_solvers, plot_ppl, ppl_vs_sparsity, profile_sparsellm, study_tables
-from sparsesolve.data import load_text
-from sparsesolve.models import load_model
+from sparsesolve.lm.corpora import load_text
+from sparsesolve.lm.models import load_model
 
 
 def test_runner_records_a_run_and_the_table_and_plot_read_it(tmp_path) -> None:

@@ -11,8 +11,8 @@ from conftest import correlated_inputs, random_weight
 from test_solvers import cvxpy_refit
 
 import sparsesolve as ss
-from sparsesolve.patterns import NM, Unstructured
-from sparsesolve.solvers import LayerProblem, cg_refit, reconstruction_error, refit, refit_by_cost, sparsegpt
+from sparsesolve.core.patterns import NM, Unstructured
+from sparsesolve.core.solvers import LayerProblem, cg_refit, reconstruction_error, refit, refit_by_cost, sparsegpt
 
 
 def relative_gap(result: object, exact: object) -> float:

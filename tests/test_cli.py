@@ -17,7 +17,7 @@ from tiny_lm import save_tiny, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
 from sparsesolve.cli import main
-from sparsesolve.data import load_text
+from sparsesolve.lm.corpora import load_text
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -147,3 +147,47 @@ def test_resume_after_a_kill_gives_the_same_weights(tiny_folder: Path, tmp_path:
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sparsesolve: error:") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+def test_what_a_new_user_hits_is_one_line_and_exit_2(tiny_folder: Path, tmp_path: Path, capsys) -> None:
+    readme = tmp_path / "README.md"
+    readme.write_text("not a folder")
+    assert main(prune_args(tiny_folder, readme / "out", "--sparsity", "0.5")) == 2
+    assert "is a file" in _one_line_error(capsys)
+    assert main(prune_args(tiny_folder, Path("/proc/sparsesolve-out"), "--sparsity", "0.5")) == 2
+    assert "cannot write in /proc" in _one_line_error(capsys)
+    assert main(prune_args(tmp_path / "nonexistent", tmp_path / "out", "--sparsity", "0.5")) == 2
+    assert "does not exist" in _one_line_error(capsys)
+    assert main(prune_args(tiny_folder, tmp_path / "out", "--sparsity", "2:4")) == 2
+    assert "--pattern 2:4" in _one_line_error(capsys)
+    assert main(["export", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "small")]) == 2
+    assert "does not exist" in _one_line_error(capsys)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for item in tiny_folder.iterdir():
+        (broken / item.name).write_bytes(item.read_bytes())
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    assert main(prune_args(broken, tmp_path / "out", "--sparsity", "0.5")) == 2
+    assert "truncated or corrupt" in _one_line_error(capsys)
+    assert main(["eval", "--model", str(broken), "--data", "ptb", "--quiet"]) == 2
+    assert "truncated or corrupt" in _one_line_error(capsys)
+    (broken / "masks.safetensors").write_bytes(b"")
+    assert main(["export", "--model", str(broken), "--out", str(tmp_path / "out-small")]) == 2
+    assert "truncated or corrupt" in _one_line_error(capsys)
+    assert not any(p.name.startswith("out") for p in tmp_path.iterdir())
+
+
+def test_help_imports_neither_torch_nor_transformers() -> None:
+    code = ("import sys; from sparsesolve.cli import build_parser; build_parser(); "
+            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, sorted(sys.modules)")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+    help_text = subprocess.run([sys.executable, "-m", "sparsesolve", "prune", "--help"], check=True, cwd=ROOT,
+                               capture_output=True, text=True).stdout
+    assert "--iterations" in help_text and "0-based, B excluded" in help_text

@@ -11,7 +11,7 @@ from conftest import correlated_inputs
 from torch import nn
 
 import sparsesolve as ss
-from sparsesolve.patterns import parse_pattern
+from sparsesolve.core.patterns import parse_pattern
 
 
 def relu_mlp(seed: int) -> nn.Sequential:

@@ -9,8 +9,9 @@ import pytest
 import torch
 from tiny_lm import VOCAB, tiny_model
 
-from sparsesolve.data import CORPORA, calibration_windows, eval_windows, load_text, wiki_documents
-from sparsesolve.evaluate import perplexity
+from sparsesolve.lm.corpora import CORPORA, load_text, wiki_documents
+from sparsesolve.lm.data import calibration_windows, eval_windows
+from sparsesolve.lm.evaluate import perplexity
 
 
 def test_wiki_splits_are_fixed_disjoint_and_cover_the_corpus() -> None:

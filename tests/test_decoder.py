@@ -10,10 +10,11 @@ from tiny_lm import VOCAB, tiny_model
 from transformers import AutoModelForCausalLM, BertConfig
 
 import sparsesolve as ss
-from sparsesolve.adapters import get_adapter
-from sparsesolve.decoder import prune_decoder, select_layers
-from sparsesolve.output import OutputFolder
-from sparsesolve.patterns import parse_pattern
+from sparsesolve.core.config import PruneConfig
+from sparsesolve.core.patterns import parse_pattern
+from sparsesolve.lm.adapters import get_adapter
+from sparsesolve.lm.decoder import prune_decoder, select_layers
+from sparsesolve.lm.output import OutputFolder
 
 FAMILIES = ("llama", "opt", "gpt2")
 
@@ -65,7 +66,7 @@ def test_every_method_gives_exact_sparsity_and_finite_logits(family: str, method
 @pytest.mark.parametrize("family", FAMILIES)
 def test_saved_folder_reloads_with_plain_transformers(family: str, tmp_path) -> None:
     model = tiny_model(family)
-    result = prune_decoder(model, calibration(), parse_pattern("2:4"), method="sparsegpt", progress=False)
+    result = prune_decoder(model, calibration(), PruneConfig("2:4", method="sparsegpt"), progress=False)
     path = OutputFolder(tmp_path / "out").commit(model, None, result.masks, {"sparsity": result.sparsity})
     reloaded = AutoModelForCausalLM.from_pretrained(path).eval()
     ids = calibration(2, 24, seed=3)
@@ -80,8 +81,8 @@ def test_sparsellm_reconstructs_the_ffn_better_than_sparsegpt(family: str) -> No
     windows = calibration(16, 32)
     errors = {}
     for method in ("sparsegpt", "sparsellm"):
-        result = prune_decoder(tiny_model(family), windows, parse_pattern("0.7"), method=method, progress=False)
-        errors[method] = [layer["ffn"]["relative_error"] for layer in result.layers]
+        result = prune_decoder(tiny_model(family), windows, PruneConfig("0.7", method=method), progress=False)
+        errors[method] = [layer.ffn.relative_error for layer in result.layers]
     # layer 0's FFN sees identical inputs under both methods (attention is pruned by SparseGPT in both)
     assert errors["sparsellm"][0] < 0.9 * errors["sparsegpt"][0]
 
@@ -91,7 +92,7 @@ def test_ffn_is_pruned_on_the_pruned_attention_outputs() -> None:
     model = tiny_model("llama")
     dense = copy.deepcopy(model)
     windows = calibration()
-    result = prune_decoder(model, windows, parse_pattern("0.6"), method="sparsegpt", layers=[0], progress=False)
+    result = prune_decoder(model, windows, PruneConfig("0.6", method="sparsegpt", layers=[0]), progress=False)
     captured = []
     layer = model.model.layers[0]
     handle = layer.mlp.register_forward_pre_hook(lambda mod, args: captured.append(args[0].reshape(-1, args[0].shape[-1])))
@@ -101,14 +102,14 @@ def test_ffn_is_pruned_on_the_pruned_attention_outputs() -> None:
         x = torch.cat(captured)
         target = dense.model.layers[0].mlp(x)
         error = float(((layer.mlp(x) - target) ** 2).sum() / (target**2).sum())
-    assert error == pytest.approx(result.layers[0]["ffn"]["relative_error"], rel=1e-4)
+    assert error == pytest.approx(result.layers[0].ffn.relative_error, rel=1e-4)
 
 
 def test_only_selected_layers_are_pruned() -> None:
     model = tiny_model("opt", layers=3)
     before = copy.deepcopy(model)
-    result = prune_decoder(model, calibration(), parse_pattern("0.5"), method="wanda", layers="1:2", progress=False)
-    assert [r["layer"] for r in result.layers] == [1]
+    result = prune_decoder(model, calibration(), PruneConfig("0.5", method="wanda", layers="1:2"), progress=False)
+    assert [r.layer for r in result.layers] == [1]
     for i, (a, b) in enumerate(zip(before.model.decoder.layers, model.model.decoder.layers)):
         same = all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
         assert same == (i != 1)
@@ -127,19 +128,19 @@ def test_select_layers() -> None:
 def test_resume_from_checkpoints_gives_the_same_weights(tmp_path) -> None:
     windows = calibration()
     straight = tiny_model("llama", layers=3)
-    prune_decoder(straight, windows, parse_pattern("0.6"), method="sparsellm", progress=False)
+    prune_decoder(straight, windows, PruneConfig("0.6", method="sparsellm"), progress=False)
     first = tiny_model("llama", layers=3)
-    prune_decoder(first, windows, parse_pattern("0.6"), method="sparsellm", checkpoint_dir=tmp_path, progress=False)
+    prune_decoder(first, windows, PruneConfig("0.6", method="sparsellm"), checkpoint_dir=tmp_path, progress=False)
     (tmp_path / "layer_0002.pt").unlink()            # as if killed during the last layer
     resumed = tiny_model("llama", layers=3)
-    result = prune_decoder(resumed, windows, parse_pattern("0.6"), method="sparsellm", checkpoint_dir=tmp_path,
+    result = prune_decoder(resumed, windows, PruneConfig("0.6", method="sparsellm"), checkpoint_dir=tmp_path,
                            resume=True, progress=False)
     assert result.resumed_layers == [0, 1]
     assert len(result.layers) == 3
     for (name, p), q in zip(straight.named_parameters(), resumed.parameters()):
         assert torch.equal(p, q), name
     with pytest.raises(ValueError, match="different settings"):
-        prune_decoder(tiny_model("llama", layers=3), windows, parse_pattern("0.7"), method="sparsellm",
+        prune_decoder(tiny_model("llama", layers=3), windows, PruneConfig("0.7", method="sparsellm"),
                       checkpoint_dir=tmp_path, resume=True, progress=False)
 
 
@@ -161,7 +162,7 @@ def test_bad_models_and_inputs_raise_clear_errors() -> None:
 
 def test_sparsellm_warns_when_calibration_is_too_small_to_generalise() -> None:
     with pytest.warns(UserWarning, match="over-fit"):
-        prune_decoder(tiny_model("llama"), calibration(2, 16), parse_pattern("0.5"), method="sparsellm", progress=False)
+        prune_decoder(tiny_model("llama"), calibration(2, 16), PruneConfig("0.5", method="sparsellm"), progress=False)
 
 
 @pytest.mark.parametrize("method", ["sparsegpt", "sparsellm"])
@@ -170,7 +171,7 @@ def test_bfloat16_activation_storage_stays_close_to_float32(method: str) -> None
     errors = {}
     for storage in (torch.float32, torch.bfloat16):
         model = tiny_model("llama")
-        result = prune_decoder(model, windows, parse_pattern("0.5"), method=method, storage_dtype=storage, progress=False)
+        result = prune_decoder(model, windows, PruneConfig("0.5", method=method, storage_dtype=storage), progress=False)
         assert result.sparsity == 0.5 and model.dtype == torch.float32
-        errors[storage] = result.layers[-1]["ffn"]["relative_error"]
+        errors[storage] = result.layers[-1].ffn.relative_error
     assert errors[torch.bfloat16] == pytest.approx(errors[torch.float32], rel=0.2)

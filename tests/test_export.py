@@ -12,12 +12,14 @@ from hypothesis import strategies as st
 from tiny_lm import save_tiny, tiny_tokenizer
 
 from sparsesolve import prune
-from sparsesolve.data import calibration_windows, corpus_tokens, load_text
-from sparsesolve.export import COMPRESSED_FILE, export_compressed, pack, unpack
-from sparsesolve.models import load_model
-from sparsesolve.output import OutputFolder
-from sparsesolve.patterns import NM, Unstructured
-from sparsesolve.quantize import GroupQuantizer
+from sparsesolve.core.patterns import NM, Unstructured
+from sparsesolve.core.quantize import GroupQuantizer
+from sparsesolve.deploy.export import export_compressed, pack
+from sparsesolve.lm.compressed import COMPRESSED_FILE, unpack
+from sparsesolve.lm.corpora import load_text
+from sparsesolve.lm.data import calibration_windows, corpus_tokens
+from sparsesolve.lm.models import load_model
+from sparsesolve.lm.output import GRIDS_FILE, OutputFolder
 
 
 @settings(max_examples=40, deadline=None)
@@ -78,14 +80,22 @@ def test_export_round_trip_of_a_pruned_model(tmp_path: Path, family: str, patter
 def test_quantised_values_round_trip_as_grid_codes(rows: int, cols: int, bits: int, groupsize: int, seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
     mask = torch.rand(rows, cols, generator=g) < 0.5
-    weight = GroupQuantizer(bits, groupsize).round_trip(torch.randn(rows, cols, generator=g)) * mask
-    tensors, encoding = pack(weight, mask, "w", (bits, groupsize))
+    quantizer = GroupQuantizer(bits, groupsize)
+    dense = torch.randn(rows, cols, generator=g)
+    grid = quantizer.grid([quantizer.params(dense[:, c : c + groupsize]) for c in range(0, cols, groupsize)])
+    weight = torch.cat([quantizer.quantize(dense[:, c : c + groupsize], *quantizer.params(dense[:, c : c + groupsize]))
+                        for c in range(0, cols, groupsize)], dim=1) * mask
+    tensors, encoding = pack(weight, mask, "w", grid)
     assert torch.equal(unpack(tensors, "w", (rows, cols), encoding, (bits, groupsize)), weight)
     kept = int(mask.sum())
     assert tensors["w.codes"].numel() == ((kept + 1) // 2 if bits <= 4 else kept)
-    assert "w.scales" in tensors  # the grid is recovered from float32 values
-    half, encoding = pack(weight.half(), mask, "w", (bits, groupsize))  # not float32: a codebook instead
-    assert "w.codebook" in half and torch.equal(unpack(half, "w", (rows, cols), encoding, (bits, groupsize)), weight.half())
+    half, encoding = pack(weight.half(), mask, "w", grid)  # the same codes; the value is cast on load
+    assert torch.equal(unpack(half, "w", (rows, cols), encoding, (bits, groupsize)).half(), weight.half())
+    if kept:
+        moved = weight.clone()
+        moved[mask.nonzero()[0].tolist()[0], mask.nonzero()[0].tolist()[1]] += 1e-3
+        with pytest.raises(ValueError, match="not on the quantisation grid"):
+            pack(moved, mask, "w", grid)
 
 
 def test_export_of_a_jointly_quantised_model_is_exact_and_smaller(tmp_path: Path) -> None:
@@ -96,7 +106,8 @@ def test_export_of_a_jointly_quantised_model_is_exact_and_smaller(tmp_path: Path
                    solver_options={"quantizer": GroupQuantizer(4, 32)})
     folder = OutputFolder(tmp_path / "pruned")
     folder.begin()
-    folder.commit(model, tokenizer, result.masks, {"quantization": {"bits": 4, "groupsize": 32}})
+    assert set(result.grids) == set(result.masks)
+    folder.commit(model, tokenizer, result.masks, {}, result.grids)
     report = export_compressed(tmp_path / "pruned", tmp_path / "small")
     again, _ = load_model(str(tmp_path / "small"))
     assert all(torch.equal(again.state_dict()[k], v) for k, v in model.state_dict().items())
@@ -105,6 +116,6 @@ def test_export_of_a_jointly_quantised_model_is_exact_and_smaller(tmp_path: Path
     halved, _ = load_model(str(tmp_path / "half"), dtype=torch.float16)
     assert all(torch.equal(halved.state_dict()[k], v.half()) for k, v in model.state_dict().items())
     assert half["bytes"]["compressed"] < report["bytes"]["compressed"]
-    (tmp_path / "pruned" / "report.json").write_text("{}")
+    (tmp_path / "pruned" / GRIDS_FILE).unlink()
     plain = export_compressed(tmp_path / "pruned", tmp_path / "plain")
     assert report["bytes"]["compressed"] < plain["bytes"]["compressed"]

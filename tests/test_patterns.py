@@ -7,7 +7,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sparsesolve.patterns import NM, Unstructured, keep_largest, parse_pattern, round_half_up
+from sparsesolve.core.patterns import NM, Unstructured, keep_largest, parse_pattern, round_half_up
 
 
 @given(

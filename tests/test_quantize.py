@@ -8,9 +8,9 @@ from conftest import correlated_inputs, random_weight
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sparsesolve.patterns import NM, Unstructured
-from sparsesolve.quantize import GroupQuantizer
-from sparsesolve.solvers import reconstruction_error, sparsegpt
+from sparsesolve.core.patterns import NM, Unstructured
+from sparsesolve.core.quantize import GroupQuantizer
+from sparsesolve.core.solvers import reconstruction_error, sparsegpt
 
 
 @settings(max_examples=60, deadline=None)

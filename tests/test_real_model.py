@@ -7,11 +7,12 @@ import copy
 import pytest
 import torch
 
-from sparsesolve.data import calibration_windows, load_text, tokenize
-from sparsesolve.decoder import prune_decoder
-from sparsesolve.evaluate import perplexity
-from sparsesolve.models import load_model
-from sparsesolve.patterns import parse_pattern
+from sparsesolve.core.config import PruneConfig, SparseLLMConfig
+from sparsesolve.lm.corpora import load_text
+from sparsesolve.lm.data import calibration_windows, tokenize
+from sparsesolve.lm.decoder import prune_decoder
+from sparsesolve.lm.evaluate import perplexity
+from sparsesolve.lm.models import load_model
 
 pytestmark = pytest.mark.slow
 
@@ -39,11 +40,11 @@ def test_pruning_two_layers_on_real_text(smollm2) -> None:
     errors, ppl = {}, {}
     for method in ("sparsegpt", "sparsellm"):
         model = copy.deepcopy(dense)
-        options = {"iterations": 1} if method == "sparsellm" else {}
-        result = prune_decoder(model, calibration, parse_pattern("0.5"), method=method, layers="0:2",
-                               sparsellm_options=options, progress=False)
+        coordinator = SparseLLMConfig.for_language_models(iterations=1) if method == "sparsellm" else None
+        result = prune_decoder(model, calibration, PruneConfig("0.5", method=method, layers="0:2", sparsellm=coordinator),
+                               progress=False)
         assert result.sparsity == 0.5 and result.escalations == 0
-        errors[method] = result.layers[0]["ffn"]["relative_error"]
+        errors[method] = result.layers[0].ffn.relative_error
         ppl[method] = perplexity(model, test_tokens, 256, 4, progress=False)
     assert errors["sparsellm"] < errors["sparsegpt"]
     for value in ppl.values():

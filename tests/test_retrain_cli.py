@@ -8,7 +8,7 @@ from pathlib import Path
 from tiny_lm import save_tiny, tiny_tokenizer
 
 from sparsesolve.cli import main
-from sparsesolve.data import load_text
+from sparsesolve.lm.corpora import load_text
 
 SMALL = ["--tokens", "256", "--seq-len", "32", "--batch-size", "4", "--eval-windows", "1", "--quiet"]
 

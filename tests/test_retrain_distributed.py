@@ -12,8 +12,8 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 from tiny_lm import save_tiny, tiny_tokenizer
 
-from sparsesolve.data import load_text
-from sparsesolve.models import load_model
+from sparsesolve.lm.corpora import load_text
+from sparsesolve.lm.models import load_model
 from sparsesolve.retrain import RetrainConfig, retrain, sparse_student
 
 CONFIG = dict(tokens=8 * 4 * 32, seq_len=32, batch_size=4, lr=3e-3, eval_every=100, eval_windows=1, mask_interval=3)

@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import load_file
 from tiny_lm import save_tiny, tiny_tokenizer
 
-from sparsesolve.data import load_text
-from sparsesolve.models import load_model
-from sparsesolve.patterns import NM
+from sparsesolve.core.patterns import NM
+from sparsesolve.lm.corpora import load_text
+from sparsesolve.lm.models import load_model
 from sparsesolve.retrain import RetrainConfig, loop, retrain, sparse_student
 
 FAST = dict(seq_len=32, batch_size=4, lr=3e-3, eval_every=10, eval_windows=2, mask_interval=5)
@@ -78,8 +78,8 @@ def test_warm_start_keeps_the_one_shot_weights_and_mask(tiny: Path, tmp_path: Pa
     """From a prune output folder: kept weights are the one-shot ones, the mask is held for the fixed phase,
     and ``pruned='dense'`` puts the teacher's values back at pruned positions."""
     from sparsesolve import prune
-    from sparsesolve.data import calibration_windows, corpus_tokens
-    from sparsesolve.output import OutputFolder
+    from sparsesolve.lm.data import calibration_windows, corpus_tokens
+    from sparsesolve.lm.output import OutputFolder
 
     model, tokenizer = load_model(str(tiny))
     windows = calibration_windows(corpus_tokens(tokenizer, "wiki", "train"), 4, 32)
@@ -105,8 +105,8 @@ def test_warm_start_keeps_the_one_shot_weights_and_mask(tiny: Path, tmp_path: Pa
 
 def _one_shot_folder(tiny: Path, tmp_path: Path) -> tuple[Path, dict]:
     from sparsesolve import prune
-    from sparsesolve.data import calibration_windows, corpus_tokens
-    from sparsesolve.output import OutputFolder
+    from sparsesolve.lm.data import calibration_windows, corpus_tokens
+    from sparsesolve.lm.output import OutputFolder
 
     model, tokenizer = load_model(str(tiny))
     windows = calibration_windows(corpus_tokens(tokenizer, "wiki", "train"), 4, 32)

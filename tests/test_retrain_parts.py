@@ -10,10 +10,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from sparsesolve.patterns import NM
+from sparsesolve.core.patterns import NM
+from sparsesolve.lm.slorb import SLoRB
 from sparsesolve.retrain import (
     MaskedAdamW,
-    SLoRB,
     SparseLinear,
     annealed_lambda,
     decay_terms,

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from sparsesolve.patterns import NM
-from sparsesolve.semistructured import is_two_four, layout_report, to_semi_structured
+from sparsesolve.core.patterns import NM
+from sparsesolve.deploy.semistructured import is_two_four, layout_report, to_semi_structured
 
 
 def test_is_two_four_counts_nonzeros_per_group_of_four() -> None:

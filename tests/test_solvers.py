@@ -8,9 +8,9 @@ import pytest
 import torch
 from conftest import correlated_inputs, random_weight
 
-from sparsesolve.patterns import NM, Unstructured
-from sparsesolve.reference import brute_force, random_problem
-from sparsesolve.solvers import SOLVERS, admm, get_solver, magnitude, reconstruction_error, refit, sparsegpt, wanda
+from sparsesolve.core.patterns import NM, Unstructured
+from sparsesolve.core.reference import brute_force, random_problem
+from sparsesolve.core.solvers import SOLVERS, admm, get_solver, magnitude, reconstruction_error, refit, sparsegpt, wanda
 
 PATTERNS = [Unstructured(0.5), Unstructured(0.75), Unstructured(0.6, "layer"), NM(2, 4), NM(4, 8), NM(3, 4)]
 

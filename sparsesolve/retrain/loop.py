@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -41,85 +41,18 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from sparsesolve.data import corpus_tokens
-from sparsesolve.environment import environment
-from sparsesolve.evaluate import perplexity
-from sparsesolve.output import OutputFolder, atomic_write
+from sparsesolve.lm.data import corpus_tokens
+from sparsesolve.lm.environment import environment
+from sparsesolve.lm.evaluate import perplexity
+from sparsesolve.lm.output import OutputFolder, atomic_write
+from sparsesolve.lm.slorb import SLORB_FILE, attach_slorb
+from sparsesolve.retrain.config import DEFAULT_LAMBDA, RetrainConfig
 from sparsesolve.retrain.decay import annealed_lambda, decay_terms, masked_decay_gradient_
 from sparsesolve.retrain.distill import distillation_loss
 from sparsesolve.retrain.optimizer import MaskedAdamW
-from sparsesolve.retrain.slorb import SLORB_FILE, attach_slorb
 from sparsesolve.retrain.sparse_linear import SparseLinear
 
-__all__ = ["RetrainConfig", "retrain", "train_batch", "unwrap"]
-
-DEFAULT_LAMBDA = {"gradient": 6e-5, "update": 1e-4}  # the paper's lambda_max for the two decay forms
-
-
-def _option(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
-
-
-@dataclass
-class RetrainConfig:
-    """Hyperparameters of one retraining run: the paper's GPT-2 recipe, scaled to a CPU budget.
-
-    Every field is a ``sparsesolve retrain`` option (``--seq-len`` for ``seq_len``) with this help text.
-    """
-
-    tokens: int = _option(1_000_000, "training tokens seen, all ranks together")
-    seq_len: int = _option(256, "tokens per training window")
-    batch_size: int = _option(8, "windows per optimiser step, all ranks and micro-batches together")
-    grad_accum: int = _option(1, "micro-batches per step on each rank")
-    lr: float = _option(2e-4, "peak learning rate (the paper's GPT-2 run)")
-    min_lr_ratio: float = _option(0.1, "the cosine ends at lr x this")
-    warmup: float = _option(0.05, "fraction of the steps with linear warmup")
-    weight_decay: float = _option(0.1, "AdamW weight decay of the matrices")
-    beta1: float = _option(0.9, "AdamW beta1")
-    beta2: float = _option(0.95, "AdamW beta2")
-    grad_clip: float = _option(1.0, "gradient norm clip")
-    mask_interval: int = _option(10, "steps between mask refreshes (the paper's delta t)")
-    fixed_mask_steps: int = _option(0, "keep the starting (one-shot) mask this many steps")
-    fixed_mask: bool = _option(False, "never refresh the mask")
-    decay: str = _option("update", "masked decay form: update (in Adam's normalised update and second moment, not its "
-                                   "momentum: the paper's) or gradient (added to the gradient: SR-STE's)")
-    lambda_max: float | None = _option(None, "final masked decay; default 6e-5 (gradient form) or 1e-4 (update form)")
-    decay_warmup: float = _option(0.25, "fraction of the steps over which the decay ramps up (T0)")
-    distill: bool = _option(True, "distil from the dense teacher (else the language-model loss alone)")
-    alpha_kd: float = _option(0.67, "weight of the distillation term")
-    temperature: float = _option(2.0, "distillation temperature")
-    dtype: str = _option("float32", "float32, or bfloat16 (autocast forward passes; master weights stay float32)")
-    eval_every: int = _option(50, "steps between wiki validation perplexities")
-    eval_windows: int = _option(16, "validation windows of seq_len tokens")
-    checkpoint_every: int = _option(50, "steps between checkpoints (--resume continues from the last)")
-    seed: int = _option(0, "seed of the training windows")
-    on_nonfinite: str = _option("stop", "a non-finite loss or gradient norm: stop (one-line error) or skip the step")
-
-    @property
-    def steps(self) -> int:
-        """Optimiser steps of the budget."""
-        return max(1, self.tokens // (self.batch_size * self.seq_len))
-
-    def check(self, world: int) -> None:
-        """One-line errors for settings that cannot run."""
-        if self.decay not in DEFAULT_LAMBDA:
-            raise ValueError(f"decay must be 'gradient' or 'update', got {self.decay!r}")
-        if self.on_nonfinite not in ("stop", "skip"):
-            raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}")
-        if self.dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
-        if self.batch_size % (world * self.grad_accum):
-            raise ValueError(f"batch_size {self.batch_size} must be a multiple of ranks x grad_accum = "
-                             f"{world} x {self.grad_accum}")
-
-    def lr_at(self, step: int) -> float:
-        """Linear warmup over ``warmup * steps``, then cosine to ``min_lr_ratio * lr``."""
-        warm = max(1, round(self.warmup * self.steps))
-        if step < warm:
-            return self.lr * (step + 1) / warm
-        progress = min(1.0, (step - warm) / max(1, self.steps - warm))
-        return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
+__all__ = ["retrain", "train_batch", "unwrap"]
 
 def train_batch(tokens: torch.Tensor, step: int, batch_size: int, seq_len: int, seed: int) -> torch.Tensor:
     """The global batch of ``step``: ``batch_size x (seq_len + 1)`` token windows (inputs and next tokens)."""

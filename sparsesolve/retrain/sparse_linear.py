@@ -13,8 +13,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from sparsesolve.patterns import NM, Pattern
-from sparsesolve.retrain.slorb import SLoRB
+from sparsesolve.core.patterns import NM, Pattern
+from sparsesolve.lm.slorb import SLoRB
 
 __all__ = ["TWO_FOUR", "SparseLinear", "sparse_linears", "wrap_linears"]
 

@@ -18,8 +18,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import PreTrainedModel
 
-from sparsesolve.adapters import get_adapter
-from sparsesolve.patterns import Pattern
+from sparsesolve.core.patterns import Pattern
+from sparsesolve.lm.adapters import get_adapter
 from sparsesolve.retrain.sparse_linear import TWO_FOUR, SparseLinear, wrap_linears
 
 __all__ = ["decoder_linear_names", "sparse_student"]

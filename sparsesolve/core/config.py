@@ -1,0 +1,223 @@
+"""What a pruning run is asked to do: ``SparseLLMConfig`` and ``PruneConfig``, validated once.
+
+Both are frozen dataclasses; every field carries its help text (``field.metadata["help"]``), from which
+the command line builds its flags, and a default with its reason. Construction validates every field
+and raises a one-line ``ValueError`` naming the field and what to do, so a config that exists is a
+config that can run. ``to_dict`` gives the JSON form written into reports and checkpoint manifests.
+
+This module imports no torch at import time (the command line's ``--help`` reads it); the checks that
+need torch import it when a config is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sparsesolve.core.patterns import Pattern
+    from sparsesolve.core.quantize import GroupQuantizer
+
+__all__ = ["CG_TOL", "DEFAULT_CHUNK", "LOCAL_NEWTON_STEPS", "METHODS", "REFINEMENTS", "SOLVER_NAMES", "STORAGE_DTYPES",
+           "PruneConfig", "SparseLLMConfig", "option"]
+
+#: the per-layer solvers, one file each in ``core/solvers`` exporting a function of the same name.
+SOLVER_NAMES = ("magnitude", "wanda", "sparsegpt", "admm")
+#: every pruning method: the SparseLLM coordinator, or a per-layer solver applied layer by layer.
+METHODS = ("sparsellm", *SOLVER_NAMES)
+#: fixed-mask refits inside the coordinator (``SparseLLMConfig.refine``).
+REFINEMENTS = ("cg", "exact", "none")
+#: relative residual at which a conjugate-gradient refit stops: on SmolLM2's layer 1 (up and down, 50 % to
+#: 90 % and 2:4) it leaves a relative objective gap of at most 2.2e-5 to the exact refit after 8-21
+#: iterations (tests/test_cg_refit.py asserts 1e-4).
+CG_TOL = 3e-4
+#: safeguarded Newton steps of the local proximal update; one suffices because the coordinator repeats
+#: the update every iteration (benchmarks/README.md).
+LOCAL_NEWTON_STEPS = 1
+#: tokens per chunk for per-token work: bounds the float32 copies to ``8192 x width``.
+DEFAULT_CHUNK = 8192
+#: dtypes activations may be stored in (solves are float32 or float64 regardless).
+STORAGE_DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+
+def option(default: Any, help: str, **metadata: Any) -> Any:
+    """A dataclass field with its default and help text (``metadata["help"]``); extra ``metadata``
+    (``choices``, ``flag``) shapes its command-line flag."""
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("mutable defaults: use a tuple")
+    return field(default=default, metadata={"help": help, **metadata})
+
+
+def _fail(name: str, message: str) -> None:
+    raise ValueError(f"{name}: {message}")
+
+
+@dataclass(frozen=True)
+class SparseLLMConfig:
+    """Settings of the SparseLLM coordinator (``coordinator.sparsellm``; the maths in its module docstring).
+
+    ``SparseLLMConfig()`` holds the defaults for chains (the paper's four iterations, equal penalties);
+    ``SparseLLMConfig.for_language_models()`` the defaults measured on language models.
+    """
+
+    iterations: int = option(4, "coordinator iterations after the one-shot start (the official code uses 4)")
+    alpha: float = option(1.0, "penalty holding pre-activations to the linear maps' outputs (only ratios to gamma matter)")
+    beta: float = option(1.0, "penalty on the fit of the chain's output")
+    gamma: float = option(1.0, "penalty holding activations to the activation of the pre-activations")
+    reselect_mask: bool = option(True, "re-choose masks in every pass (else keep the one-shot masks and only refit)")
+    refine: str = option("cg", "refit on the chosen mask: cg (conjugate gradients, matmul-shaped), exact (per-row "
+                               "Cholesky, small layers) or none", choices=REFINEMENTS)
+    refine_tol: float = option(CG_TOL, "relative residual at which a conjugate-gradient refit stops")
+    refine_iter: int | None = option(None, "cap on conjugate-gradient iterations; default min(4, tokens // inputs): "
+                                           "a refit never costs more than one pass of the linear over the tokens")
+    prox: str = option("global", "elementwise pre-activation update: global (bracketed search) or local (Newton "
+                                 "steps from the current value, never worse, several times cheaper)",
+                       choices=("global", "local"))
+    prox_steps: int = option(LOCAL_NEWTON_STEPS, "Newton steps of the local proximal update")
+    trace: bool = option(True, "record the penalised objective around every block update (a pass over the tokens each)")
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.iterations, int) or self.iterations < 0:
+            raise ValueError(f"iterations must be an integer >= 0, got {self.iterations!r}")
+        for name in ("alpha", "beta", "gamma"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"sparsellm needs positive penalties alpha, beta, gamma; got {name} = {getattr(self, name)!r}")
+        if not self.refine_tol > 0:
+            raise ValueError(f"refine_tol must be > 0, got {self.refine_tol!r}")
+        if self.refine not in REFINEMENTS:
+            raise ValueError(f"refine must be one of {', '.join(REFINEMENTS)}, got {self.refine!r}")
+        if self.prox not in ("global", "local"):
+            raise ValueError(f"prox must be 'global' or 'local', got {self.prox!r}")
+        if self.prox_steps < 1:
+            raise ValueError(f"prox_steps must be at least 1, got {self.prox_steps}")
+        if self.refine_iter is not None and self.refine_iter < 0:
+            raise ValueError(f"refine_iter must be >= 0 or None, got {self.refine_iter}")
+        if not self.reselect_mask and self.refine == "none":
+            raise ValueError("reselect_mask=False keeps the masks and only refits: choose refine 'cg' or 'exact'")
+
+    @classmethod
+    def for_language_models(cls, **overrides: Any) -> SparseLLMConfig:
+        """The defaults for a decoder layer's FFN, measured on SmolLM2 (README, "sparsellm defaults"):
+
+        - one iteration: the first gives 95 % of four iterations' error reduction at 70 %, and each
+          further one costs more than sparsegpt's whole layer;
+        - ``alpha = 0.1``: pre-activations held less tightly than activations give a lower FFN error
+          than ``alpha = gamma`` on every layer and pattern measured;
+        - the local proximal update: the global search's error at a third of its cost;
+        - no objective trace: each evaluation is a pass over the tokens.
+        """
+        return cls.with_options(cls(iterations=1, alpha=0.1, prox="local", trace=False), overrides)
+
+    @classmethod
+    def with_options(cls, base: SparseLLMConfig, overrides: Mapping[str, Any]) -> SparseLLMConfig:
+        """``base`` with some fields replaced; an unknown name is a one-line error listing the known ones."""
+        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown sparsellm option {unknown[0]!r}; known: {', '.join(f.name for f in dataclasses.fields(cls))}")
+        return dataclasses.replace(base, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form (reports, checkpoint manifests)."""
+        return dataclasses.asdict(self)
+
+
+def _solver_keywords(name: str) -> set[str]:
+    import inspect
+
+    from sparsesolve.core.solvers import get_solver
+
+    parameters = inspect.signature(get_solver(name)).parameters
+    return {p for p, spec in parameters.items() if spec.kind is inspect.Parameter.KEYWORD_ONLY} - {"problem", "target"}
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """How to prune: method, pattern, the per-layer solver and its options, and where the work runs.
+
+    ``pattern`` accepts anything ``parse_pattern`` does (``0.7``, ``"70%"``, ``"2:4"``, a ``Pattern``) and
+    holds the parsed ``Pattern``. ``sparsellm`` applies to ``method="sparsellm"`` only; None means the
+    defaults of what is pruned (``SparseLLMConfig.for_language_models()`` for a language model,
+    ``SparseLLMConfig()`` for a chain). ``solver_options`` are keyword arguments of the per-layer
+    solver (checked against its signature); ``quantizer`` (``GroupQuantizer``) needs sparsegpt, whose
+    OBS pass compensates the rounding.
+    """
+
+    pattern: Pattern | str | float = option(None, "unstructured fraction (0.7, '70%') or N:M pattern ('2:4')")
+    method: str = option("sparsellm", "sparsellm, or a per-layer solver applied layer by layer", choices=METHODS)
+    solver: str = option("sparsegpt", "per-layer solver inside sparsellm and for attention", choices=SOLVER_NAMES)
+    solver_options: Mapping[str, Any] = option((), "keyword arguments of the per-layer solver, e.g. {'damp': 0.01}")
+    quantizer: GroupQuantizer | None = option(None, "also quantise kept weights (sparsegpt's joint pass)")
+    sparsellm: SparseLLMConfig | None = option(None, "coordinator settings (None: the defaults of what is pruned)")
+    layers: str | Sequence[int] | None = option(None, "decoder layers to prune: 'all' (None), 'first-half', 'A:B' "
+                                                      "(0-based, B excluded) or 'i,j'")
+    batch_size: int = option(8, "calibration windows per forward pass")
+    storage_dtype: str | None = option(None, "dtype of stored activations; solves stay float32 or float64",
+                                       choices=STORAGE_DTYPES)
+    device: str | None = option(None, "where layers are processed (None: the model's device)")
+    chunk_size: int | None = option(DEFAULT_CHUNK, "tokens per chunk of per-token work (None: all at once)")
+
+    def __post_init__(self) -> None:
+        from sparsesolve.core.patterns import Pattern, parse_pattern
+        from sparsesolve.core.quantize import GroupQuantizer
+
+        if self.pattern is None:
+            _fail("pattern", "give a sparsity (e.g. 0.7) or an N:M pattern (e.g. '2:4')")
+        if not isinstance(self.pattern, Pattern):
+            object.__setattr__(self, "pattern", parse_pattern(self.pattern))
+        if self.method not in METHODS:
+            _fail("method", f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.solver not in SOLVER_NAMES:
+            _fail("solver", f"unknown solver {self.solver!r}; choose one of {', '.join(SOLVER_NAMES)}")
+        if self.sparsellm is not None and self.method != "sparsellm":
+            _fail("sparsellm", f"coordinator settings apply to method 'sparsellm' only, not {self.method!r}")
+        if self.sparsellm is not None and not isinstance(self.sparsellm, SparseLLMConfig):
+            _fail("sparsellm", f"must be a SparseLLMConfig, got {type(self.sparsellm).__name__}")
+        options = dict(self.solver_options)
+        known = _solver_keywords(self.method if self.method != "sparsellm" else self.solver)
+        unknown = sorted(set(options) - known)
+        if unknown:
+            _fail("solver_options", f"{unknown[0]!r} is not an option of solver "
+                                    f"{self.method if self.method != 'sparsellm' else self.solver}; known: {', '.join(sorted(known))}")
+        if "damp" in options and not options["damp"] >= 0:
+            _fail("damp", f"must be >= 0, got {options['damp']!r}")
+        quantizer = options.pop("quantizer", None) if self.quantizer is None else self.quantizer
+        if quantizer is not None:
+            if not isinstance(quantizer, GroupQuantizer):
+                _fail("quantizer", f"must be a GroupQuantizer, got {type(quantizer).__name__}")
+            if self.method != "sparsegpt":
+                _fail("quantizer", "joint quantisation needs method 'sparsegpt', whose OBS pass compensates it")
+        object.__setattr__(self, "quantizer", quantizer)
+        object.__setattr__(self, "solver_options", options)
+        if self.storage_dtype is not None:
+            name = str(self.storage_dtype).removeprefix("torch.")
+            if name not in STORAGE_DTYPES:
+                _fail("storage_dtype", f"must be one of {', '.join(STORAGE_DTYPES)}, got {self.storage_dtype!r}")
+            object.__setattr__(self, "storage_dtype", name)
+        if self.batch_size < 1:
+            _fail("batch_size", f"must be >= 1, got {self.batch_size}")
+        if self.chunk_size is not None and self.chunk_size < 1:
+            _fail("chunk_size", f"must be >= 1 or None, got {self.chunk_size}")
+        if self.device is not None:
+            object.__setattr__(self, "device", str(self.device))
+
+    def coordinator(self, language_model: bool) -> SparseLLMConfig:
+        """The coordinator settings in force (``sparsellm``, or the defaults of what is pruned)."""
+        if self.sparsellm is not None:
+            return self.sparsellm
+        return SparseLLMConfig.for_language_models() if language_model else SparseLLMConfig()
+
+    def solve_options(self) -> dict[str, Any]:
+        """Keyword arguments of every per-layer solve (``solver_options`` plus the quantizer)."""
+        return {**self.solver_options, **({"quantizer": self.quantizer} if self.quantizer is not None else {})}
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form (reports, checkpoint manifests)."""
+        quantization = None if self.quantizer is None else {"bits": self.quantizer.bits, "groupsize": self.quantizer.groupsize}
+        return {"method": self.method, "pattern": str(self.pattern), "solver": self.solver,
+                "solver_options": dict(sorted(self.solver_options.items())), "quantization": quantization,
+                "sparsellm": None if self.sparsellm is None else self.sparsellm.to_dict(),
+                "layers": self.layers if self.layers is None or isinstance(self.layers, str) else list(self.layers),
+                "batch_size": self.batch_size, "storage_dtype": self.storage_dtype, "device": self.device,
+                "chunk_size": self.chunk_size}

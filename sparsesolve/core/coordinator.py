@@ -1,0 +1,335 @@
+"""SparseLLM: global pruning of a chain by coordinated subproblems.
+
+For a chain of stages ``l = 0..L-1`` (``a_{-1} = X``; see ``chain.py``) with pre-activations ``z_l``
+and activations ``a_l`` as free auxiliary variables for ``l < L-1``, the penalised objective is::
+
+    F = beta ||a_{L-2} W_{L-1}^T + b - Y||^2
+        + sum_{l < L-1} [ alpha sum_j ||z_{l,j} - (a_{l-1} W_{l,j}^T + b_{l,j})||^2 + gamma ||a_l - psi_l(z_l)||^2 ]
+
+with ``Y`` the dense chain's output and every ``W`` constrained to the pattern. The weights start
+from the one-shot solution (iteration 0: layer-wise pruning with the same solver, e.g. SparseGPT) and
+the auxiliaries from the dense forward pass. One iteration:
+
+1. for ``l = L-2 .. 0`` (backward), given the current weights: ``a_l`` <- ridge solve
+   ``(w sum_j W_{l+1,j}^T W_{l+1,j} + gamma I) a = w sum_j W_{l+1,j}^T (t_j - b_j) + gamma psi_l(z_l)``
+   (``w = beta`` next to the output, ``alpha`` elsewhere; one Cholesky factor for all tokens), then
+   ``z_l`` <- elementwise proximal update given ``a_l`` (``stage.prox``). Each is an exact minimiser
+   (or, for the local proximal step, a descent step) of ``F``, so ``F`` never increases across them.
+2. one sequential pass: stage by stage, every ``W_{l,j}`` <- masked solve with the true pruned
+   activations of the stages before it as input and the coordinator's ``z_{l,j}`` (``Y`` for the last
+   stage) as target, then a refit on the chosen mask (``refine``: conjugate gradients, matmul-shaped,
+   or the exact per-row solve). The weights are consistent with their real inputs by construction, so
+   the iterate is a candidate as it stands; the candidate with the lowest true error
+   ``||f(X) - Y||^2`` wins, the one-shot start included, so the result is never worse than the
+   one-shot solution on the calibration data.
+
+Step 2 replaces the two steps of the paper's formulation (a masked solve on the auxiliary inputs, then
+a consistency refit on the true ones) by one: the solve on auxiliary inputs only steered the next
+auxiliary update, and steering it with the consistent weights instead costs one solve per linear and
+iteration instead of two (the P1 runs and the scale benchmark in README.md measure what it costs and
+gains). ``F`` is not monotone across step 2 (the weights fit the true inputs,
+not the auxiliaries); keep-best guards the result.
+
+Only the ratios ``beta / gamma`` and ``alpha / gamma`` matter: scaling all three by a common factor
+leaves every update unchanged.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from sparsesolve.core.chain import Chain, LinearMap, apply_linear
+from sparsesolve.core.config import PruneConfig, SparseLLMConfig
+from sparsesolve.core.linalg import compute_dtype_for, damped_cholesky
+from sparsesolve.core.patterns import Pattern
+from sparsesolve.core.sequential import layerwise, sequential_pass
+from sparsesolve.core.solvers import LayerProblem, LayerSolution, cg_refit, get_solver, refit
+from sparsesolve.core.streaming import accumulate, gram, map_tokens, token_chunks
+
+__all__ = ["ChainResult", "CoordinatorState", "sparsellm", "prune_chain"]
+
+#: conjugate-gradient iterations of a refit at most, when chosen by cost: 4 give 95 % of a converged
+#: refit's gain on SmolLM2 layer 1 (benchmarks/README.md)
+REFINE_ITER_MAX = 4
+
+
+@dataclass
+class ChainResult:
+    """Result of pruning a chain.
+
+    - ``solutions``: per linear name, the ``LayerSolution`` that produced its final weight.
+    - ``error``: ``||f(X) - Y||^2`` of the returned weights on the calibration inputs (``Y`` dense output);
+      ``reference = ||Y||^2``; ``start_error``: the one-shot (layer-wise) start's error.
+    - ``history``: one dict per coordinator iteration (``objective_trace``: the penalised objective after
+      each block update; ``error``: true error of the iteration's consistent candidate).
+    - ``best_iteration``: 0 for the one-shot start; ``seconds``: wall time.
+    """
+
+    solutions: dict[str, LayerSolution]
+    error: float
+    reference: float
+    start_error: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_iteration: int = 0
+    seconds: float = 0.0
+
+    @property
+    def relative_error(self) -> float:
+        """``||f(X) - Y||^2 / ||Y||^2``."""
+        return self.error / self.reference if self.reference > 0 else 0.0
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of zeros over all pruned linears."""
+        zeros = sum(int((~s.mask).sum()) for s in self.solutions.values())
+        return zeros / max(1, sum(s.mask.numel() for s in self.solutions.values()))
+
+
+def _squared_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(((a - b) ** 2).sum())
+
+
+class CoordinatorState:
+    """The state of one SparseLLM run: inputs, dense output, auxiliaries and current weights."""
+
+    def __init__(self, chain: Chain, inputs: torch.Tensor, dtype: torch.dtype, storage: torch.dtype,
+                 chunk_size: int | None, alpha: float, beta: float, gamma: float) -> None:
+        self.chain, self.inputs, self.dtype, self.storage, self.chunk = chain, inputs, dtype, storage, chunk_size
+        self.alpha, self.beta, self.gamma = alpha, beta, gamma
+        self.n = inputs.shape[0]
+        self.last = len(chain.stages) - 1
+        self.pres: list[list[torch.Tensor]] = []
+        self.acts: list[torch.Tensor] = []
+        dense = [[lin.weight.to(dtype) for lin in stage.linears] for stage in chain.stages]
+        a = inputs
+        for l, stage in enumerate(chain.stages[:-1]):
+            pres = [self._map(lambda c, x=a, w=w, lin=lin: apply_linear(x[c].to(dtype), w, lin), w.shape[0])
+                    for lin, w in zip(stage.linears, dense[l])]
+            self.pres.append(pres)
+            a = self._map(lambda c, s=stage, p=pres: s.activate([q[c].to(dtype) for q in p]), pres[0].shape[1])
+            self.acts.append(a)
+        out = chain.stages[-1].linear
+        self.target = self._map(lambda c: apply_linear(a[c].to(dtype), dense[-1][0], out), dense[-1][0].shape[0],
+                                dtype=dtype)
+        self.input_gram = gram(inputs, chunk_size, dtype)
+
+    def _map(self, fn: Any, width: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        out = torch.empty(self.n, width, dtype=dtype or self.storage, device=self.inputs.device)
+        return map_tokens(self.n, self.chunk, fn, out)
+
+    def stage_input(self, l: int) -> torch.Tensor:
+        return self.inputs if l == 0 else self.acts[l - 1]
+
+    def stage_targets(self, l: int) -> list[torch.Tensor]:
+        return [self.target] if l == self.last else self.pres[l]
+
+    def cross(self, target: torch.Tensor, linear: LinearMap, acts: torch.Tensor) -> torch.Tensor:
+        """``(T - b)^T a``: the cross-covariance of a linear's target with its input, streamed."""
+        def part(c: slice) -> torch.Tensor:
+            t = target[c].to(self.dtype)
+            if linear.bias is not None:
+                t = t - linear.bias.to(self.dtype)
+            return t.T @ acts[c].to(self.dtype)
+
+        return accumulate(self.n, self.chunk, part)
+
+    def objective(self, weights: list[list[torch.Tensor]]) -> float:
+        """The penalised objective ``F`` (module docstring) at the current auxiliaries and ``weights``."""
+        def part(c: slice) -> torch.Tensor:
+            total = torch.zeros((), dtype=self.dtype, device=self.inputs.device)
+            for l, stage in enumerate(self.chain.stages):
+                x = self.stage_input(l)[c].to(self.dtype)
+                targets = [t[c].to(self.dtype) for t in self.stage_targets(l)]
+                fit = sum(((apply_linear(x, w, lin) - t) ** 2).sum()
+                          for lin, w, t in zip(stage.linears, weights[l], targets))
+                total = total + (self.beta if l == self.last else self.alpha) * fit
+                if l < self.last:
+                    total = total + self.gamma * ((self.acts[l][c].to(self.dtype) - stage.activate(targets)) ** 2).sum()
+            return total
+
+        return float(accumulate(self.n, self.chunk, part))
+
+    def update_activation(self, l: int, weights: list[list[torch.Tensor]]) -> int:
+        """Ridge update of ``a_l`` against the next stage's targets and ``psi_l(z_l)``; returns escalations.
+
+        With the next stage's weights stacked as ``W`` (``O x n``) and its targets minus biases as ``T``
+        (``N x O``), the minimiser of ``w ||T - a W^T||^2 + gamma ||a - psi||^2`` is the residual
+        correction ``a = psi + (T - psi W^T) B`` with ``B = (W W^T + r I)^{-1} W = W (W^T W + r I)^{-1}``,
+        ``r = gamma / w`` (push-through identity). ``B`` is factored once from the smaller of the two
+        Grams; each token then costs two products of ``O x n`` instead of an ``n x n`` triangular solve.
+        """
+        nxt = self.chain.stages[l + 1]
+        ridge = self.gamma / (self.beta if l + 1 == self.last else self.alpha)
+        stacked = torch.cat(weights[l + 1])
+        outer = stacked.shape[0] <= stacked.shape[1]
+        small = stacked @ stacked.T if outer else stacked.T @ stacked
+        chol = damped_cholesky(small + ridge * torch.eye(small.shape[0], dtype=self.dtype, device=small.device), 0.0)
+        coupling = chol.solve(stacked) if outer else chol.solve(stacked.T).T
+        biases = [lin.bias for lin in nxt.linears]
+        bias = None if all(b is None for b in biases) else torch.cat(
+            [torch.zeros(w.shape[0], dtype=self.dtype, device=w.device) if b is None else b.to(self.dtype)
+             for b, w in zip(biases, weights[l + 1])])
+        stage, targets = self.chain.stages[l], self.stage_targets(l + 1)
+
+        def solve(c: slice) -> torch.Tensor:
+            psi = stage.activate([p[c].to(self.dtype) for p in self.pres[l]])
+            residual = torch.cat([t[c].to(self.dtype) for t in targets], dim=1) - psi @ stacked.T
+            if bias is not None:
+                residual = residual - bias
+            return psi + residual @ coupling
+
+        map_tokens(self.n, self.chunk, solve, self.acts[l])
+        return chol.escalations
+
+    def update_preactivation(self, l: int, weights: list[list[torch.Tensor]], local_steps: int | None = None) -> None:
+        """Elementwise proximal update of the pre-activations ``z_l`` given ``a_l`` (``stage.prox``;
+        ``local_steps``: Newton steps of the local update, None for the global search)."""
+        stage, x_all = self.chain.stages[l], self.stage_input(l)
+        for c in token_chunks(self.n, self.chunk):
+            x = x_all[c].to(self.dtype)
+            maps = [apply_linear(x, w, lin) for lin, w in zip(stage.linears, weights[l])]
+            pres = [p[c].to(self.dtype) for p in self.pres[l]]
+            new = stage.prox(maps, pres, self.acts[l][c].to(self.dtype), self.alpha, self.gamma,
+                             local_steps=local_steps)
+            for store, value in zip(self.pres[l], new):
+                store[c] = value.to(self.storage)
+
+
+def sparsellm(
+    chain: Chain,
+    inputs: torch.Tensor,
+    pattern: Pattern,
+    config: SparseLLMConfig | None = None,
+    *,
+    solver: str = "sparsegpt",
+    solver_options: dict[str, Any] | None = None,
+    chunk_size: int | None = None,
+    storage_dtype: torch.dtype | None = None,
+    progress: bool = False,
+    **overrides: Any,
+) -> ChainResult:
+    """Prune every linear of ``chain`` jointly (module docstring); weights are written into its modules.
+
+    - ``inputs``: calibration inputs of the chain, ``N x n`` (tokens as rows).
+    - ``solver``: per-layer masked solver of each coordinated pass and of the one-shot start (``SOLVERS``).
+    - ``config``: the coordinator's settings (``SparseLLMConfig``, default ``SparseLLMConfig()``);
+      ``overrides`` replace single fields of it (``iterations=2``, ``alpha=0.1``, ...). ``refine``'s
+      ``refine_iter`` None chooses by cost: each conjugate-gradient iteration costs ``2 m n^2`` flops, a
+      pass of the linear over the ``N`` calibration tokens ``2 N m n``, so ``min(REFINE_ITER_MAX, N // n)``
+      iterations cost at most one such pass (4 on SmolLM2 with 32,768 tokens; none for a 7B down
+      projection with 8,192).
+    - ``solver_options``: passed to every masked solve (e.g. ``damp``, ``blocksize``); the refits take
+      only ``damp`` from it.
+    - ``chunk_size``: tokens per chunk for every per-token computation (None = all at once).
+    - ``storage_dtype``: dtype of the stored auxiliaries (default: the inputs' dtype).
+    """
+    config = SparseLLMConfig.with_options(config or SparseLLMConfig(), overrides)
+    started = time.perf_counter()
+    dtype = compute_dtype_for(inputs)
+    storage = storage_dtype or inputs.dtype
+    options = dict(solver_options or {})
+    method = get_solver(solver)
+    damp = options.get("damp", 0.01)
+    fixed_mask = _fixed_mask_solver(config.refine, config.refine_tol, config.refine_iter, inputs.shape[0])
+    state = CoordinatorState(chain, inputs, dtype, storage, chunk_size, config.alpha, config.beta, config.gamma)
+    reference = float((state.target**2).sum())
+
+    start = layerwise(chain, inputs, pattern, solver, solver_options=options, dtype=dtype, storage_dtype=storage,
+                      chunk_size=chunk_size, first_gram=state.input_gram)
+    best, best_error, best_iteration = start, _squared_error(start.output, state.target), 0
+    start_error = best_error
+    current = start
+    history: list[dict[str, Any]] = []
+    for iteration in tqdm(range(1, config.iterations + 1), desc="sparsellm", disable=not progress):
+        tick = time.perf_counter()
+        weights = current.weights
+        objective_trace: list[tuple[str, float]] = []
+
+        def record(block: str) -> None:
+            if config.trace:
+                objective_trace.append((block, state.objective(weights)))
+
+        record("weights")
+        escalations = 0
+        for l in range(state.last - 1, -1, -1):
+            escalations += state.update_activation(l, weights)
+            record(f"activation {l}")
+            state.update_preactivation(l, weights, config.prox_steps if config.prox == "local" else None)
+            record(f"preactivation {l}")
+
+        def solve(l: int, j: int, linear: LinearMap, h: torch.Tensor, acts: torch.Tensor) -> LayerSolution:
+            # one problem (factor, W*) per linear, shared by the masked solve and the refit
+            problem = LayerProblem.build(linear.weight, h, target=state.cross(state.stage_targets(l)[j], linear, acts),
+                                         damp=damp, compute_dtype=dtype)
+            previous = current.solutions[linear.name]
+            if not config.reselect_mask:
+                return fixed_mask(problem, previous.mask, previous.weight, None)
+            sol = method(linear.weight, h, pattern, problem=problem, **options)
+            return sol if fixed_mask is None else fixed_mask(problem, sol.mask, sol.weight, sol)
+
+        current = sequential_pass(chain, inputs, solve, dtype=dtype, storage_dtype=storage, chunk_size=chunk_size,
+                                  first_gram=state.input_gram)
+        error = _squared_error(current.output, state.target)
+        history.append({"iteration": iteration, "objective_trace": objective_trace, "error": error,
+                        "relative_error": error / reference if reference > 0 else 0.0,
+                        "ridge_escalations": escalations, "seconds": time.perf_counter() - tick,
+                        "refine_iterations": {name: sol.info.get("cg_iterations") for name, sol in current.solutions.items()},
+                        "refine_residual": {name: sol.info.get("cg_residual") for name, sol in current.solutions.items()}})
+        if error < best_error:
+            best, best_error, best_iteration = current, error, iteration
+
+    for stage, ws in zip(chain.stages, best.weights):
+        for lin, w in zip(stage.linears, ws):
+            lin.assign(w)
+    return ChainResult(best.solutions, best_error, reference, start_error, history, best_iteration,
+                       time.perf_counter() - started)
+
+
+def _fixed_mask_solver(refine: str, tol: float, max_iter: int | None, n_tokens: int) -> Callable[..., LayerSolution] | None:
+    """``solve(problem, mask, start, solution) -> LayerSolution`` for ``refine`` (None for ``"none"``):
+    the refit of ``problem`` on ``mask`` from the weights ``start``, or ``solution`` (the solver's, on
+    the same problem) as it is when the cost rule allows no iteration. ``max_iter`` None:
+    ``min(REFINE_ITER_MAX, n_tokens // n)`` for a linear with ``n`` inputs, at least 1 on fixed masks."""
+    if refine == "none":
+        return None
+
+    def solve(problem: LayerProblem, mask: torch.Tensor, start: torch.Tensor, solution: LayerSolution | None) -> LayerSolution:
+        w, h = problem.w_star, problem.gram
+        if refine == "exact":
+            return refit(w, h, mask, problem=problem)
+        iterations = max_iter if max_iter is not None else min(REFINE_ITER_MAX, n_tokens // w.shape[1])
+        if solution is None:
+            iterations = max(1, iterations)
+        elif iterations == 0:
+            return solution
+        return cg_refit(w, h, mask, start=start, tol=tol, max_iter=iterations, problem=problem)
+
+    return solve
+
+
+def prune_chain(chain: Chain, inputs: torch.Tensor, config: PruneConfig, *, language_model: bool = False,
+                progress: bool = False) -> ChainResult:
+    """Prune a chain as ``config`` says: ``"sparsellm"`` coordinates it (``config.coordinator``; the
+    language-model defaults when ``language_model``), a per-layer solver prunes one linear after the other."""
+    pattern, options = config.pattern, config.solve_options()
+    storage = None if config.storage_dtype is None else getattr(torch, config.storage_dtype)
+    if config.method == "sparsellm":
+        return sparsellm(chain, inputs, pattern, config.coordinator(language_model), solver=config.solver,
+                         solver_options=options, chunk_size=config.chunk_size, storage_dtype=storage, progress=progress)
+    started = time.perf_counter()
+    dtype = compute_dtype_for(inputs)
+    target = chain.forward(inputs.to(dtype))
+    result = layerwise(chain, inputs, pattern, config.method, solver_options=options, dtype=dtype,
+                       storage_dtype=storage or inputs.dtype, chunk_size=config.chunk_size)
+    for stage, ws in zip(chain.stages, result.weights):
+        for lin, w in zip(stage.linears, ws):
+            lin.assign(w)
+    error = _squared_error(result.output, target)
+    return ChainResult(result.solutions, error, float((target**2).sum()), error, [], 0,
+                       time.perf_counter() - started)

@@ -1,0 +1,95 @@
+"""One forward sweep through a chain that solves each layer on the inputs its pruned predecessors give.
+
+``sequential_pass`` is the engine of layer-wise pruning (SparseGPT's setting: each linear
+reconstructs its own dense weight from the already-pruned inputs, ``H = a^T a`` of the true pruned
+activations) and of every SparseLLM iteration (each linear is solved on the true pruned activations
+against the coordinator's target for it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from sparsesolve.core.chain import Chain, LinearMap, apply_linear
+from sparsesolve.core.patterns import Pattern
+from sparsesolve.core.solvers import LayerSolution, get_solver
+from sparsesolve.core.streaming import gram, map_tokens
+
+__all__ = ["ChainSolve", "sequential_pass", "layerwise"]
+
+#: ``solve(stage_index, linear_index, linear, gram, inputs) -> LayerSolution``
+StageSolver = Callable[[int, int, LinearMap, torch.Tensor, torch.Tensor], LayerSolution]
+
+
+@dataclass
+class ChainSolve:
+    """Weights of every linear (per stage, compute dtype, ``(out, in)``), their solutions by name, and
+    the chain's output on the calibration inputs with those weights (``N x d_out``, compute dtype)."""
+
+    weights: list[list[torch.Tensor]]
+    solutions: dict[str, LayerSolution]
+    output: torch.Tensor
+
+
+def sequential_pass(
+    chain: Chain,
+    inputs: torch.Tensor,
+    solve: StageSolver,
+    *,
+    dtype: torch.dtype,
+    storage_dtype: torch.dtype,
+    chunk_size: int | None,
+    first_gram: torch.Tensor | None = None,
+) -> ChainSolve:
+    """Solve stage by stage: Gram of the current (pruned) activations, solve each linear, propagate.
+
+    ``first_gram``: the Gram of ``inputs`` when the caller has it already (it is not recomputed)."""
+    n_tokens = inputs.shape[0]
+    acts = inputs
+    weights: list[list[torch.Tensor]] = []
+    solutions: dict[str, LayerSolution] = {}
+    for l, stage in enumerate(chain.stages):
+        h = first_gram if l == 0 and first_gram is not None else gram(acts, chunk_size, dtype)
+        stage_solutions = [solve(l, j, lin, h, acts) for j, lin in enumerate(stage.linears)]
+        stage_weights = [s.weight.to(dtype) for s in stage_solutions]
+        solutions.update({lin.name: s for lin, s in zip(stage.linears, stage_solutions)})
+        weights.append(stage_weights)
+        last = l == len(chain.stages) - 1
+
+        def forward(c: slice, a: torch.Tensor = acts, stage: Any = stage, ws: list = stage_weights) -> torch.Tensor:
+            x = a[c].to(dtype)
+            pres = [apply_linear(x, w, lin) for lin, w in zip(stage.linears, ws)]
+            return pres[0] if stage is chain.stages[-1] else stage.activate(pres)
+
+        width = stage_weights[0].shape[0]
+        out = torch.empty(n_tokens, width, dtype=dtype if last else storage_dtype, device=inputs.device)
+        acts = map_tokens(n_tokens, chunk_size, forward, out)
+    return ChainSolve(weights, solutions, acts)
+
+
+def layerwise(
+    chain: Chain,
+    inputs: torch.Tensor,
+    pattern: Pattern,
+    solver: str,
+    *,
+    solver_options: dict[str, Any] | None = None,
+    dtype: torch.dtype,
+    storage_dtype: torch.dtype,
+    chunk_size: int | None = None,
+    first_gram: torch.Tensor | None = None,
+) -> ChainSolve:
+    """Layer-wise pruning: each linear reconstructs its own dense weight on its pruned inputs
+    (``first_gram``: see ``sequential_pass``)."""
+    method = get_solver(solver)
+    options = dict(solver_options or {})
+
+    def solve(l: int, j: int, linear: LinearMap, h: torch.Tensor, acts: torch.Tensor) -> LayerSolution:
+        return method(linear.weight, h, pattern, compute_dtype=dtype, **options)
+
+    return sequential_pass(chain, inputs, solve, dtype=dtype, storage_dtype=storage_dtype, chunk_size=chunk_size,
+                           first_gram=first_gram)

@@ -1,0 +1,329 @@
+"""Layer-by-layer pruning of a decoder-only language model, in true sequence.
+
+1. Run the model on the calibration windows up to decoder layer 0 and keep its inputs (hidden states
+   plus the keyword arguments the model passes: attention mask, rotary embeddings, ...).
+2. For each decoder layer ``l``:
+   a. for each attention group (``[q, k, v]``, then ``[o]``): run the layer up to the group, streaming
+      the Gram ``H = X^T X`` of the group's input, and prune every linear of the group with the
+      per-layer solver; ``o``'s input therefore comes from the already-pruned ``q, k, v``;
+   b. run the layer up to its FFN and keep the FFN inputs, which come from the pruned attention (the
+      original SparseLLM code used the dense attention's outputs here), and prune the FFN chain with
+      the chosen method (``"sparsellm"`` coordinates up/gate/down or fc1/fc2 against the dense FFN's
+      output on those inputs; the layer-wise methods prune one linear after the other);
+   c. run the pruned layer to get the inputs of layer ``l + 1``.
+   Layers outside ``layers`` are only run (step c).
+
+Peak memory is the model, the hidden states of every calibration token (``N x d``, twice during
+step c), the FFN inputs (``N x d``) and the FFN workspace (for sparsellm about four ``N x d_ff``
+arrays in the storage dtype): it grows linearly with the number of calibration tokens and does not
+depend on the number of layers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from sparsesolve.core.config import PruneConfig
+from sparsesolve.core.coordinator import prune_chain
+from sparsesolve.core.linalg import compute_dtype_for
+from sparsesolve.core.patterns import Pattern
+from sparsesolve.core.quantize import QuantizationGrid
+from sparsesolve.core.solvers import get_solver
+from sparsesolve.lm.adapters import DecoderLayerMap, get_adapter
+from sparsesolve.lm.checkpoint import LayerCheckpoints
+from sparsesolve.lm.models import check_seq_len
+from sparsesolve.lm.records import FFNRecord, LayerRecord, LinearRecord
+
+__all__ = ["PruneResult", "prune_decoder", "select_layers", "check_prunable"]
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass once the wanted input has been seen."""
+
+
+@dataclass
+class PruneResult:
+    """Result of pruning a decoder model.
+
+    - ``layers``: one ``LayerRecord`` per pruned decoder layer (per-linear relative errors, sparsity,
+      damping escalations, the FFN's start and final errors, timings).
+    - ``masks``: boolean keep-masks ``(out, in)`` by full module name; ``grids``: the quantisation grid of
+      every linear a quantising solve produced (empty otherwise), by the same names.
+    - ``seconds`` (wall), ``forward_seconds`` (capturing inputs, propagating), ``solve_seconds``.
+    - ``resumed_layers``: layers read back from checkpoints instead of pruned again.
+    """
+
+    layers: list[LayerRecord]
+    masks: dict[str, torch.Tensor]
+    grids: dict[str, QuantizationGrid] = field(default_factory=dict)
+    seconds: float = 0.0
+    forward_seconds: float = 0.0
+    solve_seconds: float = 0.0
+    resumed_layers: list[int] = field(default_factory=list)
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of zeros over every pruned linear."""
+        total = sum(m.numel() for m in self.masks.values())
+        return sum(int((~m).sum()) for m in self.masks.values()) / max(total, 1)
+
+    @property
+    def escalations(self) -> int:
+        """Damping escalations over every solve (0 on a healthy run)."""
+        return sum(record.escalations for record in self.layers)
+
+
+def select_layers(spec: str | Sequence[int] | range | None, count: int) -> list[int]:
+    """Layer indices from ``None`` (all), a sequence, or a string ``"0:15"`` / ``"3"`` / ``"first-half"``."""
+    if spec is None or spec == "all":
+        return list(range(count))
+    if isinstance(spec, str):
+        if spec == "first-half":
+            return list(range(count // 2))
+        try:
+            if ":" in spec:
+                lo, hi = (int(p) if p else d for p, d in zip(spec.split(":", 1), (0, count)))
+                indices = list(range(lo, hi))
+            else:
+                indices = [int(p) for p in spec.split(",")]
+        except ValueError:
+            raise ValueError(f"layers {spec!r} not understood; use 'all', 'first-half', 'A:B' or 'i,j,k'") from None
+    else:
+        indices = list(spec)
+    if not indices or any(not 0 <= i < count for i in indices):
+        raise ValueError(f"layers {spec!r} must select layers in 0..{count - 1}")
+    return sorted(set(indices))
+
+
+@dataclass
+class _LayerInputs:
+    hidden: list[torch.Tensor]
+    kwargs: list[dict[str, Any]]
+
+
+def check_prunable(model: nn.Module, pattern: Pattern, layers: str | Sequence[int] | None = None) -> list[int]:
+    """The selected layer indices, after checking the model family is supported and ``pattern`` fits
+    every linear of them (one-line errors naming the offending module)."""
+    adapter = get_adapter(model)
+    chosen = select_layers(layers, len(adapter.layers(model)))
+    for index in chosen:
+        for lin in adapter.layer_map(model, index).linears:
+            try:
+                pattern.validate(tuple(lin.weight.shape))
+            except ValueError as error:
+                raise ValueError(f"{lin.name}: {error}") from None
+    return chosen
+
+
+def _capture_first_inputs(model: nn.Module, layer: nn.Module, windows: torch.Tensor, batch_size: int,
+                          storage: torch.dtype, device: torch.device) -> _LayerInputs:
+    inputs = _LayerInputs([], [])
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        inputs.hidden.append(hidden.detach().to(device=device, dtype=storage))
+        inputs.kwargs.append({k: v for k, v in kwargs.items() if k != "hidden_states"})
+        raise _Stop
+
+    handle = layer.register_forward_pre_hook(hook, with_kwargs=True)
+    model_device = next(model.parameters()).device
+    try:
+        for start in range(0, windows.shape[0], batch_size):
+            try:
+                model(input_ids=windows[start : start + batch_size].to(model_device), use_cache=False)
+            except _Stop:
+                continue
+            raise RuntimeError("the first decoder layer was never called")
+    finally:
+        handle.remove()
+    return inputs
+
+
+def _run(layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any], dtype: torch.dtype) -> torch.Tensor:
+    out = layer(hidden.to(dtype), **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _feed(layer: nn.Module, module: nn.Module, inputs: _LayerInputs, dtype: torch.dtype,
+          consume: Callable[[torch.Tensor], None]) -> None:
+    """Run ``layer`` on every batch until ``module`` is called; hand its input (tokens x width) to ``consume``."""
+
+    def hook(mod: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        x = args[0] if args else next(iter(kwargs.values()))
+        consume(x.detach().reshape(-1, x.shape[-1]))
+        raise _Stop
+
+    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for hidden, kwargs in zip(inputs.hidden, inputs.kwargs):
+            try:
+                _run(layer, hidden, kwargs, dtype)
+            except _Stop:
+                continue
+            raise RuntimeError(f"{type(module).__name__} was not called by its decoder layer")
+    finally:
+        handle.remove()
+
+
+class _LayerPruner:
+    """Prunes one decoder layer at a time (module docstring, step 2)."""
+
+    def __init__(self, config: PruneConfig, storage: torch.dtype, dtype: torch.dtype) -> None:
+        self.config, self.storage, self.dtype = config, storage, dtype
+        self.attention_solver = get_solver(config.solver if config.method == "sparsellm" else config.method)
+        self.solve_options = config.solve_options()
+        self.forward_seconds = 0.0
+
+    @contextmanager
+    def forward_pass(self) -> Iterator[None]:
+        """Count the enclosed wall time as forward-pass time."""
+        tick = time.perf_counter()
+        yield
+        self.forward_seconds += time.perf_counter() - tick
+
+    def _timed_feed(self, layer: nn.Module, module: nn.Module, inputs: _LayerInputs,
+                    consume: Callable[[torch.Tensor], None]) -> None:
+        with self.forward_pass():
+            _feed(layer, module, inputs, self.dtype, consume)
+
+    def prune(self, index: int, layer: nn.Module, lmap: DecoderLayerMap, inputs: _LayerInputs) -> _LayerOutcome:
+        """Prune attention groups then the FFN in place; the layer's record, masks and grids."""
+        linears: dict[str, LinearRecord] = {}
+        outcome = _LayerOutcome(None, {}, {})
+        solve_seconds = 0.0
+        for group in lmap.attention:
+            weight = group[0].weight
+            compute = compute_dtype_for(weight)
+            gram = torch.zeros(weight.shape[1], weight.shape[1], dtype=compute, device=weight.device)
+            self._timed_feed(layer, group[0].module, inputs, lambda x, c=compute, g=gram: g.addmm_(x.to(c).T, x.to(c)))
+            for lin in group:
+                sol = self.attention_solver(lin.weight, gram, self.config.pattern, compute_dtype=compute, **self.solve_options)
+                lin.assign(sol.weight)
+                linears[lin.name] = LinearRecord.from_solution(sol)
+                outcome.add(lin.name, sol)
+                solve_seconds += sol.seconds
+        parts: list[torch.Tensor] = []
+        self._timed_feed(layer, lmap.ffn_input, inputs, lambda x: parts.append(x.to(self.storage)))
+        ffn_inputs = torch.cat(parts)
+        parts.clear()
+        result = prune_chain(lmap.ffn, ffn_inputs, self.config, language_model=True)
+        for name, sol in result.solutions.items():
+            linears[name] = LinearRecord.from_solution(sol)
+            outcome.add(name, sol)
+        outcome.record = LayerRecord(index, linears, FFNRecord.from_chain(result), solve_seconds + result.seconds)
+        return outcome
+
+
+@dataclass
+class _LayerOutcome:
+    record: LayerRecord | None
+    masks: dict[str, torch.Tensor]
+    grids: dict[str, QuantizationGrid]
+
+    def add(self, name: str, solution: Any) -> None:
+        self.masks[name] = solution.mask
+        if solution.grid is not None:
+            self.grids[name] = solution.grid
+
+
+def _fingerprint(windows: torch.Tensor) -> str:
+    return hashlib.sha256(windows.cpu().numpy().tobytes()).hexdigest()[:16]
+
+
+def prune_decoder(
+    model: nn.Module,
+    calibration: torch.Tensor,
+    config: PruneConfig,
+    *,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> PruneResult:
+    """Prune a transformers decoder-only causal LM in place, layer by layer (module docstring), as ``config`` says.
+
+    - ``calibration``: token ids, ``n_windows x seq_len`` (``sparsesolve.lm.data.calibration_windows``).
+    - ``config.method``: ``"sparsellm"`` or a per-layer solver; attention linears always use a per-layer
+      solver (``config.solver`` under sparsellm, else the method); the FFN coordinator takes
+      ``config.coordinator(language_model=True)``.
+    - ``config.layers``: which decoder layers to prune (``select_layers``); the others keep their dense weights.
+    - ``config.batch_size``: windows per forward pass; ``storage_dtype``: dtype of stored activations
+      (default the model's; bfloat16 halves activation memory; solves stay float32); ``device``: where
+      layers are processed (default the model's device); ``chunk_size``: tokens per chunk in the FFN solve.
+    - ``checkpoint_dir``: save every pruned layer there; ``resume=True`` continues from its checkpoints
+      and ends with the same weights as an uninterrupted run.
+    """
+    adapter = get_adapter(model)
+    decoder = adapter.layers(model)
+    if calibration.dim() != 2 or calibration.numel() == 0 or calibration.dtype != torch.long:
+        raise ValueError(f"calibration must be a non-empty n_windows x seq_len tensor of token ids, got "
+                         f"{tuple(calibration.shape)} {calibration.dtype}")
+    check_seq_len(model, calibration.shape[1])
+    chosen = check_prunable(model, config.pattern, config.layers)
+    widest = max(lin.weight.shape[1] for lin in adapter.layer_map(model, chosen[0]).linears)
+    if config.method == "sparsellm" and calibration.numel() < 2 * widest:
+        warnings.warn(f"{calibration.numel()} calibration tokens for linears with {widest} inputs: sparsellm can over-fit "
+                      "so few tokens (its calibration error falls while perplexity rises); use at least "
+                      f"{2 * widest} tokens", stacklevel=2)
+    started = time.perf_counter()
+    model_dtype = next(model.parameters()).dtype
+    storage = getattr(torch, config.storage_dtype) if config.storage_dtype else model_dtype
+    device = torch.device(config.device) if config.device is not None else next(model.parameters()).device
+    checkpoints = None
+    done: set[int] = set()
+    if checkpoint_dir is not None:
+        settings = {"model": getattr(model.config, "_name_or_path", ""), "model_type": model.config.model_type,
+                    **config.to_dict(), "layers": chosen, "device": None, "batch_size": None,
+                    "calibration": _fingerprint(calibration), "storage_dtype": str(storage)}
+        checkpoints = LayerCheckpoints(checkpoint_dir, settings)
+        done = set(checkpoints.open(resume))
+    pruner = _LayerPruner(config, storage, model_dtype)
+    with torch.no_grad():
+        with pruner.forward_pass():
+            inputs = _capture_first_inputs(model, decoder[0], calibration, config.batch_size, storage, device)
+        result = PruneResult([], {})
+        bar = tqdm(range(chosen[-1] + 1), desc="layers", unit="layer", disable=not progress)
+        for index in bar:
+            layer = decoder[index]
+            home = next(layer.parameters()).device
+            layer.to(device)
+            if index in chosen:
+                lmap = adapter.layer_map(model, index)
+                if index in done:
+                    outcome = _restore(lmap, checkpoints.load(index), config)
+                else:
+                    outcome = pruner.prune(index, layer, lmap, inputs)
+                    if checkpoints is not None:
+                        checkpoints.save(index, {lin.name: lin.weight for lin in lmap.linears}, outcome.masks,
+                                         outcome.record.to_dict(), outcome.grids)
+                    result.solve_seconds += outcome.record.solve_seconds
+                result.layers.append(outcome.record)
+                result.masks.update(outcome.masks)
+                result.grids.update(outcome.grids)
+                bar.set_postfix(ffn_error=f"{outcome.record.ffn.relative_error:.4f}")
+            if index < chosen[-1]:
+                with pruner.forward_pass():
+                    inputs.hidden = [_run(layer, h, kw, model_dtype).to(storage) for h, kw in zip(inputs.hidden, inputs.kwargs)]
+            layer.to(home)
+    result.seconds, result.forward_seconds = time.perf_counter() - started, pruner.forward_seconds
+    result.resumed_layers = sorted(done & set(chosen))
+    return result
+
+
+def _restore(lmap: DecoderLayerMap, saved: dict[str, Any], config: PruneConfig) -> _LayerOutcome:
+    """Write a checkpoint's weights into the layer; its record, masks and grids."""
+    for lin in lmap.linears:
+        lin.assign(saved["weights"][lin.name].to(lin.weight.device))
+    quantizer = config.quantizer
+    grids = {name: QuantizationGrid(quantizer.bits, quantizer.groupsize, g["scale"], g["zero"])
+             for name, g in saved.get("grids", {}).items()} if quantizer is not None else {}
+    return _LayerOutcome(LayerRecord.from_dict(saved["record"]), {k: v.bool() for k, v in saved["masks"].items()}, grids)

@@ -1,0 +1,152 @@
+"""The one pipeline every front door calls: load -> calibrate -> evaluate dense -> prune -> evaluate -> save.
+
+``run_prune(RunConfig)`` is what ``sparsesolve prune``, the benchmarks and the notebooks run;
+``evaluate_model`` the perplexity step on its own (``sparsesolve eval``); ``run_retrain`` the AST
+retraining run (``sparsesolve retrain``: teacher and student loaded, wrapped, trained, saved).
+
+Order of ``run_prune``, chosen so that bad input fails before any expensive work: the output folder
+is checked (exists? writable?) before the model loads, the model and pattern are checked before the
+corpora are tokenised, and the dense perplexity is saved in the staging folder so ``resume`` does not
+evaluate it twice.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from sparsesolve.config import EvaluationConfig, RunConfig
+from sparsesolve.lm.bundled import BUNDLED
+from sparsesolve.lm.data import calibration_windows, corpus_tokens
+from sparsesolve.lm.decoder import PruneResult, check_prunable, prune_decoder
+from sparsesolve.lm.environment import environment, peak_memory_mb
+from sparsesolve.lm.evaluate import perplexity
+from sparsesolve.lm.models import check_seq_len, load_model
+from sparsesolve.lm.output import OutputFolder
+from sparsesolve.retrain.config import RetrainConfig
+
+__all__ = ["RunResult", "evaluate_model", "run_prune", "run_retrain"]
+
+
+def _silent(message: str) -> None:
+    del message
+
+
+@dataclass
+class RunResult:
+    """What ``run_prune`` did: the pruned ``model`` and its ``tokenizer``, the ``prune`` result, the
+    dense and pruned perplexities, the ``report`` (as saved), the output ``path`` (None without ``out``)."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    prune: PruneResult
+    dense: dict[str, float]
+    pruned: dict[str, float]
+    report: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None
+
+
+def evaluate_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, evaluation: EvaluationConfig, *,
+                   tokens: dict[str, torch.Tensor] | None = None, progress: bool = True) -> dict[str, float]:
+    """Perplexity per corpus of ``evaluation.corpora`` (test split; ``tokens`` if already tokenised)."""
+    tokens = tokens or {name: corpus_tokens(tokenizer, name, "test") for name in evaluation.corpora}
+    return {name: perplexity(model, ids, evaluation.seq_len, evaluation.windows or None, batch_size=evaluation.batch_size,
+                             progress=progress) for name, ids in tokens.items()}
+
+
+def run_prune(run: RunConfig, *, progress: bool = True, command: str | None = None,
+              say: Callable[[str], None] = _silent) -> RunResult:
+    """Execute ``run`` (module docstring); ``say`` receives one line per stage; ``command`` goes into the report."""
+    out = None if run.out is None else OutputFolder(run.out, overwrite=run.overwrite, resume=run.resume)
+    if out is not None:
+        out.check()
+    started = time.perf_counter()
+    model, tokenizer = load_model(run.model)
+    check_seq_len(model, run.calibration.seq_len)
+    layers = check_prunable(model, run.prune.pattern, run.prune.layers)
+    calib = run.calibration
+    windows = calibration_windows(corpus_tokens(tokenizer, calib.corpus, "train"), calib.windows, calib.seq_len, calib.seed)
+    tests = {name: corpus_tokens(tokenizer, name, "test") for name in run.evaluation.corpora}
+    resumed = out.begin() if out is not None else False
+    say(f"{'resuming' if resumed else 'pruning'} {run.model} ({model.config.model_type}, {_count(len(layers), 'layer')}) "
+        f"with {run.prune.method} at {run.prune.pattern}; calibration {calib.windows} x {calib.seq_len} tokens of {calib.corpus}")
+    tick = time.perf_counter()
+    dense = out.read_json("dense.json") if resumed else None
+    if dense is None:
+        dense = evaluate_model(model, tokenizer, run.evaluation, tokens=tests, progress=progress)
+        if out is not None:
+            out.write_json("dense.json", dense)
+    eval_seconds = time.perf_counter() - tick
+    result = prune_decoder(model, windows, run.prune, checkpoint_dir=None if out is None else out.checkpoints,
+                           resume=resumed, progress=progress)
+    tick = time.perf_counter()
+    pruned = evaluate_model(model, tokenizer, run.evaluation, tokens=tests, progress=progress)
+    eval_seconds += time.perf_counter() - tick
+    report = {
+        "command": command, **run.to_dict(),
+        "model_note": BUNDLED[run.model].description if run.model in BUNDLED else None,
+        "method": run.prune.method, "pattern": str(run.prune.pattern), "solver": run.prune.solver, "layers": layers,
+        "quantization": run.prune.to_dict()["quantization"],
+        "perplexity": {"dense": dense, "pruned": pruned},
+        "sparsity": result.sparsity, "escalations": result.escalations, "resumed_layers": result.resumed_layers,
+        "seconds": {"total": time.perf_counter() - started, "prune": result.seconds,
+                    "forward": result.forward_seconds, "solve": result.solve_seconds, "evaluation": eval_seconds},
+        "peak_memory_mb": peak_memory_mb(), **environment(),
+        "layers_detail": [record.to_dict() for record in result.layers],
+    }
+    path = None if out is None else out.commit(model, tokenizer, result.masks, report, result.grids)
+    say(f"sparsity {result.sparsity:.4f} over the pruned linears; pruning {result.seconds:.1f} s "
+        f"(forward {result.forward_seconds:.1f} s, solves {result.solve_seconds:.1f} s); peak memory {peak_memory_mb():.0f} MiB")
+    for name in tests:
+        say(f"perplexity {name}: dense {dense[name]:.2f} -> pruned {pruned[name]:.2f}")
+    if path is not None:
+        say(f"saved {path} ({_folder_mb(path):.0f} MB: weights, masks.safetensors, report.json)")
+    return RunResult(model, tokenizer, result, dense, pruned, report, path)
+
+
+def run_retrain(config: RetrainConfig, *, teacher: str, out: str, from_dir: str | None = None, pruned: str = "zero",
+                slorb: int = 0, slorb_trainable_projection: bool = False, device: str = "cpu", overwrite: bool = False,
+                resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """AST retraining: the student from ``from_dir`` (a 2:4 prune output) or the teacher's dense weights
+    with magnitude masks, trained towards ``teacher`` and saved to ``out``. Under ``torchrun`` (``WORLD_SIZE``
+    > 1) the process group starts here (gloo on CPU, nccl on CUDA) and rank 0 writes ``out``."""
+    import torch.distributed as dist
+
+    from sparsesolve.retrain.loop import retrain
+    from sparsesolve.retrain.start import sparse_student
+
+    OutputFolder(out, overwrite=overwrite, resume=resume).check()
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda but no CUDA device is visible; use --device cpu")
+    if distributed and device == "cuda":
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)
+    if distributed and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    try:
+        teacher_model, tokenizer = load_model(teacher, device=device)
+        student, _ = load_model(from_dir or teacher, device=device)
+        layers = sparse_student(student, teacher_model, from_dir, pruned=pruned, slorb_k=slorb or None,
+                                slorb_trainable_projection=slorb_trainable_projection)
+        return retrain(student, teacher_model, tokenizer, layers, config, out, resume=resume, overwrite=overwrite,
+                       progress=progress, start={"from": from_dir or "dense + magnitude", "teacher": teacher,
+                                                 "pruned": pruned, "slorb": slorb})
+    finally:
+        if distributed:
+            dist.destroy_process_group()
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _folder_mb(path: Path) -> float:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 1e6
