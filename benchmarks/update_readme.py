@@ -12,6 +12,7 @@ import json
 import re
 from pathlib import Path
 
+from benchmarks.architecture_census import table as census_table
 from benchmarks.bench_ast import table as ast_table
 from benchmarks.bench_coordinator_scale import table as scale_table
 from benchmarks.common import RESULTS
@@ -122,7 +123,8 @@ def lm_table() -> str:
 TABLES = {"optimality-gap": optimality_gap_table, "solvers": solver_table, "mlp": mlp_table, "lm": lm_table,
           "ppl-full": lambda: ppl_table("p1", "full"), "ppl-first-half": lambda: ppl_table("p1", "first-half"),
           "goals-full": goals_table, "export-sizes": export_table,
-          "quantized": quantized_table, "ast": ast_table, "coordinator-scale": scale_table}
+          "quantized": quantized_table, "ast": ast_table, "coordinator-scale": scale_table,
+          "census": census_table}
 STUDY_TABLES = {"study-variants": variant_table, "study-goals": goals_table, "study-layers": layer_table,
                 "study-heldout": heldout_table}
 

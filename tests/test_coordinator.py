@@ -166,3 +166,24 @@ def test_bad_arguments(kwargs: dict, message: str) -> None:
 def test_bad_models_and_calibration(model: nn.Module, calibration: torch.Tensor, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         ss.prune(model, calibration, sparsity=0.5)
+
+
+@pytest.mark.parametrize("method", ["sparsegpt", "sparsellm"])
+@pytest.mark.parametrize("build", [relu_mlp, gated_mlp], ids=["relu3", "gated"])
+def test_token_weights_count_like_repeated_tokens(method: str, build: object) -> None:
+    """A token of weight sqrt(k) must give exactly what k copies of it give (Grams, targets, errors)."""
+    from sparsesolve.core.chain import Chain
+    from sparsesolve.core.config import PruneConfig
+    from sparsesolve.core.coordinator import prune_chain
+
+    x = correlated_inputs(400, 16, seed=3)
+    copies = torch.randint(1, 4, (400,), generator=torch.Generator().manual_seed(0))
+    weighted, repeated = build(1), build(1)
+    config = PruneConfig("0.6", method=method)
+    with torch.no_grad():
+        a = prune_chain(Chain.from_module(weighted), x, config, token_weights=copies.double().sqrt())
+        b = prune_chain(Chain.from_module(repeated), x.repeat_interleave(copies, dim=0), config)
+    assert a.relative_error == pytest.approx(b.relative_error, rel=1e-6)
+    assert a.start_error == pytest.approx(b.start_error, rel=1e-6)
+    for p, q in zip(weighted.parameters(), repeated.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-8)

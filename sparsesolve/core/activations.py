@@ -252,6 +252,7 @@ def _silu_d2(z: torch.Tensor) -> torch.Tensor:
 ACTIVATIONS: dict[str, Activation] = {
     "identity": Activation("identity", lambda z: z, torch.ones_like, torch.zeros_like),
     "relu": Activation("relu", torch.relu, lambda z: (z > 0).to(z.dtype), torch.zeros_like),
+    "relu2": Activation("relu2", lambda z: torch.relu(z) ** 2, lambda z: 2 * torch.relu(z), lambda z: 2 * (z > 0).to(z.dtype)),
     "silu": Activation("silu", F.silu, _silu_d1, _silu_d2, valley=-1.2784645427610738),
     "gelu": Activation("gelu", F.gelu, _gelu_d1, _gelu_d2, valley=-0.7517915246935645),
     "gelu_tanh": Activation("gelu_tanh", _tanh_gelu, *_autograd_derivatives(_tanh_gelu), valley=-0.7524614220710161),

@@ -25,31 +25,65 @@ __all__ = ["LinearMap", "DenseStage", "GatedStage", "Chain", "GatedMLP"]
 
 @dataclass
 class LinearMap:
-    """A named linear map ``y = x W^T + b`` backed by a module; ``W`` is ``(out, in)``.
+    """A named linear map ``y = x W^T + b`` backed by a module's parameter; ``W`` is ``(out, in)``.
 
-    ``transposed=True`` for modules that store ``W^T`` (GPT-2's Conv1D keeps ``weight`` as in x out).
+    - ``transposed=True`` for modules that store ``W^T`` (GPT-2's Conv1D keeps ``weight`` as in x out).
+    - ``param``: the parameter holding ``W`` (``"weight"``; e.g. ``"gate_up_proj"`` for fused experts).
+    - ``index``: for a 3-D parameter (one matrix per expert, ``E x out x in``), the expert's matrix.
+    - ``rows``: a block of output rows (one half of a fused gate/up weight); the rest is left alone.
+    - ``path``: the module's full name when ``name`` names a block of it (``place`` files masks under it).
+    The bias exists only for a whole ``weight`` or its rows.
     """
 
     name: str
     module: nn.Module
     transposed: bool = False
+    param: str = "weight"
+    index: int | None = None
+    rows: slice | None = None
+    path: str = ""
+
+    def _view(self) -> torch.Tensor:
+        p = getattr(self.module, self.param).data
+        if self.index is not None:
+            p = p[self.index]
+        if self.transposed:
+            p = p.T
+        return p if self.rows is None else p[self.rows]
 
     @property
     def weight(self) -> torch.Tensor:
         """The weight as ``(out_features, in_features)``."""
-        w = self.module.weight.detach()
-        return w.T if self.transposed else w
+        return self._view().detach()
 
     @property
     def bias(self) -> torch.Tensor | None:
         """The bias (``out_features``) or None."""
-        b = getattr(self.module, "bias", None)
-        return None if b is None else b.detach()
+        b = getattr(self.module, "bias", None) if self.param == "weight" and self.index is None else None
+        if b is None:
+            return None
+        return b.detach() if self.rows is None else b.detach()[self.rows]
 
     def assign(self, weight: torch.Tensor) -> None:
-        """Write an ``(out, in)`` weight into the module in place, in the module's dtype."""
-        target = self.module.weight
-        target.data.copy_((weight.T if self.transposed else weight).to(target.dtype))
+        """Write an ``(out, in)`` weight into the module's parameter in place, in its dtype."""
+        target = self._view()
+        target.copy_(weight.to(target.dtype))
+
+    def place(self, masks: dict[str, torch.Tensor], mask: torch.Tensor) -> None:
+        """Record this map's ``(out, in)`` keep-``mask`` in ``masks``: a whole ``weight`` under ``name``; a
+        block of a parameter (rows, one expert) into the parameter's mask under ``path`` (the module's
+        name and, unless it is ``weight``, the parameter's), created all True with shape ``(..., out, in)``
+        (the parameter's, with its last two axes swapped when it is stored transposed)."""
+        if self.param == "weight" and self.index is None and self.rows is None:
+            masks[self.name] = mask
+            return
+        key = self.path if self.param == "weight" else f"{self.path}.{self.param}"
+        shape = list(getattr(self.module, self.param).shape)
+        if self.transposed:
+            shape[-2:] = shape[-1], shape[-2]
+        full = masks.setdefault(key, torch.ones(shape, dtype=torch.bool, device=mask.device))
+        view = full[self.index] if self.index is not None else full
+        (view if self.rows is None else view[self.rows]).copy_(mask)
 
 
 def _apply(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

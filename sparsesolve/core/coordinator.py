@@ -50,7 +50,7 @@ from sparsesolve.core.linalg import compute_dtype_for, damped_cholesky
 from sparsesolve.core.patterns import Pattern
 from sparsesolve.core.sequential import layerwise, sequential_pass
 from sparsesolve.core.solvers import LayerProblem, LayerSolution, cg_refit, get_solver, refit
-from sparsesolve.core.streaming import accumulate, gram, map_tokens, token_chunks
+from sparsesolve.core.streaming import accumulate, gram, map_tokens, token_chunks, weigh
 
 __all__ = ["ChainResult", "CoordinatorState", "sparsellm", "prune_chain"]
 
@@ -91,16 +91,19 @@ class ChainResult:
         return zeros / max(1, sum(s.mask.numel() for s in self.solutions.values()))
 
 
-def _squared_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(((a - b) ** 2).sum())
+def _squared_error(a: torch.Tensor, b: torch.Tensor, weights: torch.Tensor | None = None) -> float:
+    """``sum_t w_t^2 ||a_t - b_t||^2`` (``w`` all ones when None)."""
+    return float((weigh(a - b, weights, slice(None)) ** 2).sum())
 
 
 class CoordinatorState:
     """The state of one SparseLLM run: inputs, dense output, auxiliaries and current weights."""
 
     def __init__(self, chain: Chain, inputs: torch.Tensor, dtype: torch.dtype, storage: torch.dtype,
-                 chunk_size: int | None, alpha: float, beta: float, gamma: float) -> None:
+                 chunk_size: int | None, alpha: float, beta: float, gamma: float,
+                 token_weights: torch.Tensor | None = None) -> None:
         self.chain, self.inputs, self.dtype, self.storage, self.chunk = chain, inputs, dtype, storage, chunk_size
+        self.weights = token_weights
         self.alpha, self.beta, self.gamma = alpha, beta, gamma
         self.n = inputs.shape[0]
         self.last = len(chain.stages) - 1
@@ -117,7 +120,7 @@ class CoordinatorState:
         out = chain.stages[-1].linear
         self.target = self._map(lambda c: apply_linear(a[c].to(dtype), dense[-1][0], out), dense[-1][0].shape[0],
                                 dtype=dtype)
-        self.input_gram = gram(inputs, chunk_size, dtype)
+        self.input_gram = gram(inputs, chunk_size, dtype, token_weights)
 
     def _map(self, fn: Any, width: int, dtype: torch.dtype | None = None) -> torch.Tensor:
         out = torch.empty(self.n, width, dtype=dtype or self.storage, device=self.inputs.device)
@@ -135,7 +138,7 @@ class CoordinatorState:
             t = target[c].to(self.dtype)
             if linear.bias is not None:
                 t = t - linear.bias.to(self.dtype)
-            return t.T @ acts[c].to(self.dtype)
+            return weigh(t, self.weights, c).T @ weigh(acts[c].to(self.dtype), self.weights, c)
 
         return accumulate(self.n, self.chunk, part)
 
@@ -146,11 +149,12 @@ class CoordinatorState:
             for l, stage in enumerate(self.chain.stages):
                 x = self.stage_input(l)[c].to(self.dtype)
                 targets = [t[c].to(self.dtype) for t in self.stage_targets(l)]
-                fit = sum(((apply_linear(x, w, lin) - t) ** 2).sum()
+                fit = sum((weigh(apply_linear(x, w, lin) - t, self.weights, c) ** 2).sum()
                           for lin, w, t in zip(stage.linears, weights[l], targets))
                 total = total + (self.beta if l == self.last else self.alpha) * fit
                 if l < self.last:
-                    total = total + self.gamma * ((self.acts[l][c].to(self.dtype) - stage.activate(targets)) ** 2).sum()
+                    gap = weigh(self.acts[l][c].to(self.dtype) - stage.activate(targets), self.weights, c)
+                    total = total + self.gamma * (gap**2).sum()
             return total
 
         return float(accumulate(self.n, self.chunk, part))
@@ -212,6 +216,7 @@ def sparsellm(
     chunk_size: int | None = None,
     storage_dtype: torch.dtype | None = None,
     progress: bool = False,
+    token_weights: torch.Tensor | None = None,
     **overrides: Any,
 ) -> ChainResult:
     """Prune every linear of ``chain`` jointly (module docstring); weights are written into its modules.
@@ -226,6 +231,9 @@ def sparsellm(
       projection with 8,192).
     - ``solver_options``: passed to every masked solve (e.g. ``damp``, ``blocksize``); the refits take
       only ``damp`` from it.
+    - ``token_weights`` (``N``): a token of weight ``w`` counts as ``w^2`` copies of itself in the
+      objective, every Gram and cross-covariance and the errors (an MoE expert's tokens, weighted as
+      the router weights its output); the per-token auxiliary updates are unchanged by it.
     - ``chunk_size``: tokens per chunk for every per-token computation (None = all at once).
     - ``storage_dtype``: dtype of the stored auxiliaries (default: the inputs' dtype).
     """
@@ -237,12 +245,13 @@ def sparsellm(
     method = get_solver(solver)
     damp = options.get("damp", 0.01)
     fixed_mask = _fixed_mask_solver(config.refine, config.refine_tol, config.refine_iter, inputs.shape[0])
-    state = CoordinatorState(chain, inputs, dtype, storage, chunk_size, config.alpha, config.beta, config.gamma)
-    reference = float((state.target**2).sum())
+    state = CoordinatorState(chain, inputs, dtype, storage, chunk_size, config.alpha, config.beta, config.gamma,
+                             token_weights)
+    reference = _squared_error(state.target, torch.zeros_like(state.target[:1]), token_weights)
 
     start = layerwise(chain, inputs, pattern, solver, solver_options=options, dtype=dtype, storage_dtype=storage,
-                      chunk_size=chunk_size, first_gram=state.input_gram)
-    best, best_error, best_iteration = start, _squared_error(start.output, state.target), 0
+                      chunk_size=chunk_size, first_gram=state.input_gram, token_weights=token_weights)
+    best, best_error, best_iteration = start, _squared_error(start.output, state.target, token_weights), 0
     start_error = best_error
     current = start
     history: list[dict[str, Any]] = []
@@ -274,8 +283,8 @@ def sparsellm(
             return sol if fixed_mask is None else fixed_mask(problem, sol.mask, sol.weight, sol)
 
         current = sequential_pass(chain, inputs, solve, dtype=dtype, storage_dtype=storage, chunk_size=chunk_size,
-                                  first_gram=state.input_gram)
-        error = _squared_error(current.output, state.target)
+                                  first_gram=state.input_gram, token_weights=token_weights)
+        error = _squared_error(current.output, state.target, token_weights)
         history.append({"iteration": iteration, "objective_trace": objective_trace, "error": error,
                         "relative_error": error / reference if reference > 0 else 0.0,
                         "ridge_escalations": escalations, "seconds": time.perf_counter() - tick,
@@ -314,22 +323,24 @@ def _fixed_mask_solver(refine: str, tol: float, max_iter: int | None, n_tokens: 
 
 
 def prune_chain(chain: Chain, inputs: torch.Tensor, config: PruneConfig, *, language_model: bool = False,
-                progress: bool = False) -> ChainResult:
+                progress: bool = False, token_weights: torch.Tensor | None = None) -> ChainResult:
     """Prune a chain as ``config`` says: ``"sparsellm"`` coordinates it (``config.coordinator``; the
-    language-model defaults when ``language_model``), a per-layer solver prunes one linear after the other."""
+    language-model defaults when ``language_model``), a per-layer solver prunes one linear after the
+    other. ``token_weights``: see ``sparsellm``."""
     pattern, options = config.pattern, config.solve_options()
     storage = None if config.storage_dtype is None else getattr(torch, config.storage_dtype)
     if config.method == "sparsellm":
         return sparsellm(chain, inputs, pattern, config.coordinator(language_model), solver=config.solver,
-                         solver_options=options, chunk_size=config.chunk_size, storage_dtype=storage, progress=progress)
+                         solver_options=options, chunk_size=config.chunk_size, storage_dtype=storage, progress=progress,
+                         token_weights=token_weights)
     started = time.perf_counter()
     dtype = compute_dtype_for(inputs)
     target = chain.forward(inputs.to(dtype))
     result = layerwise(chain, inputs, pattern, config.method, solver_options=options, dtype=dtype,
-                       storage_dtype=storage or inputs.dtype, chunk_size=config.chunk_size)
+                       storage_dtype=storage or inputs.dtype, chunk_size=config.chunk_size, token_weights=token_weights)
     for stage, ws in zip(chain.stages, result.weights):
         for lin, w in zip(stage.linears, ws):
             lin.assign(w)
-    error = _squared_error(result.output, target)
-    return ChainResult(result.solutions, error, float((target**2).sum()), error, [], 0,
-                       time.perf_counter() - started)
+    error = _squared_error(result.output, target, token_weights)
+    return ChainResult(result.solutions, error, _squared_error(target, torch.zeros_like(target[:1]), token_weights), error,
+                       [], 0, time.perf_counter() - started)

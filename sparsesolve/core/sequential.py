@@ -44,16 +44,18 @@ def sequential_pass(
     storage_dtype: torch.dtype,
     chunk_size: int | None,
     first_gram: torch.Tensor | None = None,
+    token_weights: torch.Tensor | None = None,
 ) -> ChainSolve:
     """Solve stage by stage: Gram of the current (pruned) activations, solve each linear, propagate.
 
-    ``first_gram``: the Gram of ``inputs`` when the caller has it already (it is not recomputed)."""
+    ``first_gram``: the Gram of ``inputs`` when the caller has it already (it is not recomputed);
+    ``token_weights`` (``N``): each token's weight in every Gram (``streaming.weigh``)."""
     n_tokens = inputs.shape[0]
     acts = inputs
     weights: list[list[torch.Tensor]] = []
     solutions: dict[str, LayerSolution] = {}
     for l, stage in enumerate(chain.stages):
-        h = first_gram if l == 0 and first_gram is not None else gram(acts, chunk_size, dtype)
+        h = first_gram if l == 0 and first_gram is not None else gram(acts, chunk_size, dtype, token_weights)
         stage_solutions = [solve(l, j, lin, h, acts) for j, lin in enumerate(stage.linears)]
         stage_weights = [s.weight.to(dtype) for s in stage_solutions]
         solutions.update({lin.name: s for lin, s in zip(stage.linears, stage_solutions)})
@@ -82,9 +84,10 @@ def layerwise(
     storage_dtype: torch.dtype,
     chunk_size: int | None = None,
     first_gram: torch.Tensor | None = None,
+    token_weights: torch.Tensor | None = None,
 ) -> ChainSolve:
     """Layer-wise pruning: each linear reconstructs its own dense weight on its pruned inputs
-    (``first_gram``: see ``sequential_pass``)."""
+    (``first_gram``, ``token_weights``: see ``sequential_pass``)."""
     method = get_solver(solver)
     options = dict(solver_options or {})
 
@@ -92,4 +95,4 @@ def layerwise(
         return method(linear.weight, h, pattern, compute_dtype=dtype, **options)
 
     return sequential_pass(chain, inputs, solve, dtype=dtype, storage_dtype=storage_dtype, chunk_size=chunk_size,
-                           first_gram=first_gram)
+                           first_gram=first_gram, token_weights=token_weights)

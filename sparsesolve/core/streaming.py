@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-__all__ = ["token_chunks", "accumulate", "map_tokens", "gram"]
+__all__ = ["token_chunks", "accumulate", "map_tokens", "gram", "weigh"]
 
 
 
@@ -44,10 +44,18 @@ def map_tokens(
     return out
 
 
-def gram(inputs: torch.Tensor, chunk_size: int | None, dtype: torch.dtype) -> torch.Tensor:
-    """``X^T X`` (``n x n``) of ``inputs`` (``N x n``), accumulated in ``dtype``."""
+def gram(inputs: torch.Tensor, chunk_size: int | None, dtype: torch.dtype,
+         weights: torch.Tensor | None = None) -> torch.Tensor:
+    """``X^T D^2 X`` (``n x n``) of ``inputs`` (``N x n``), accumulated in ``dtype``; ``D = diag(weights)``
+    (token weights, ``N``; None = all ones)."""
     def part(c: slice) -> torch.Tensor:
-        x = inputs[c].to(dtype)
+        x = weigh(inputs[c].to(dtype), weights, c)
         return x.T @ x
 
     return accumulate(inputs.shape[0], chunk_size, part)
+
+
+def weigh(rows: torch.Tensor, weights: torch.Tensor | None, chunk: slice) -> torch.Tensor:
+    """``rows`` (a chunk of tokens) scaled by their token weights (unchanged when ``weights`` is None):
+    a token of weight ``w`` counts like ``w^2`` copies of itself in every sum of squares."""
+    return rows if weights is None else rows * weights[chunk].to(rows.dtype).unsqueeze(1)

@@ -80,12 +80,14 @@ def _grid_codes(weight: torch.Tensor, mask: torch.Tensor, name: str, grid: Quant
 
 
 def _linear_modules(model: PreTrainedModel, names: list[str]) -> dict[str, bool]:
-    """Whether each named module stores its weight transposed (GPT-2's Conv1D: ``in x out``)."""
-    modules = dict(model.named_modules())
-    missing = [n for n in names if n not in modules]
+    """Whether each named module stores its weight transposed (GPT-2's Conv1D: ``in x out``); names of
+    other pruned parameters (an MoE's 3-D expert tensors, ``MODULE.PARAM``) are left out: they are
+    stored as they are, zeros included."""
+    modules, parameters = dict(model.named_modules()), dict(model.named_parameters())
+    missing = [n for n in names if n not in modules and n not in parameters]
     if missing:
         raise ValueError(f"the model has no module {missing[0]!r} named in masks.safetensors")
-    return {n: not isinstance(modules[n], nn.Linear) for n in names}
+    return {n: not isinstance(modules[n], nn.Linear) for n in names if n in modules}
 
 
 def _folder_bytes(folder: Path, pattern: str) -> int:
@@ -120,7 +122,7 @@ def export_compressed(model_dir: str | Path, out: str | Path, *, dtype: torch.dt
         seen[tensor.data_ptr()] = key
         value = tensor if dtype is None or not tensor.is_floating_point() else tensor.to(dtype)
         name = key.removesuffix(".weight")
-        if key.endswith(".weight") and name in masks:
+        if key.endswith(".weight") and name in transposed:
             source_weight = tensor if name in grids else value  # codes from the saved values; cast on load
             weight = source_weight.T if transposed[name] else source_weight
             parts, encoding = pack(weight, masks[name], name, grids.get(name))
@@ -144,7 +146,7 @@ def export_compressed(model_dir: str | Path, out: str | Path, *, dtype: torch.dt
                         "source_masks": (source / "masks.safetensors").stat().st_size,
                         "dense_float32": 4 * numel, "dense_float16": 2 * numel},
               "encodings": {e: sum(v["encoding"] == e for v in encodings.values()) for e in ("bitmask", "indices")},
-              "pruned_linears": len(encodings)}
+              "pruned_linears": len(encodings), "pruned_parameters_stored_dense": sorted(set(masks) - set(transposed))}
     folder.write_json("compression.json", report)
     folder.finish()
     return report

@@ -9,7 +9,10 @@
    b. run the layer up to its FFN and keep the FFN inputs, which come from the pruned attention (the
       original SparseLLM code used the dense attention's outputs here), and prune the FFN chain with
       the chosen method (``"sparsellm"`` coordinates up/gate/down or fc1/fc2 against the dense FFN's
-      output on those inputs; the layer-wise methods prune one linear after the other);
+      output on those inputs; the layer-wise methods prune one linear after the other); in an MoE
+      layer, capture the experts module's arguments (tokens, top-k indices and weights) and prune every
+      expert's chain on the tokens routed to it, each weighted by its router weight (fewer tokens than
+      the expert's widest input: the layer-wise solver; none: magnitude);
    c. run the pruned layer to get the inputs of layer ``l + 1``.
    Layers outside ``layers`` are only run (step c).
 
@@ -26,7 +29,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +37,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from sparsesolve.core.chain import Chain, LinearMap
 from sparsesolve.core.config import PruneConfig
-from sparsesolve.core.coordinator import prune_chain
+from sparsesolve.core.coordinator import ChainResult, prune_chain
 from sparsesolve.core.linalg import compute_dtype_for
 from sparsesolve.core.patterns import Pattern
 from sparsesolve.core.quantize import QuantizationGrid
@@ -43,7 +47,7 @@ from sparsesolve.core.solvers import get_solver
 from sparsesolve.lm.adapters import DecoderLayerMap, get_adapter
 from sparsesolve.lm.checkpoint import LayerCheckpoints
 from sparsesolve.lm.models import check_seq_len
-from sparsesolve.lm.records import FFNRecord, LayerRecord, LinearRecord
+from sparsesolve.lm.records import ExpertRecord, FFNRecord, LayerRecord, LinearRecord
 
 __all__ = ["PruneResult", "prune_decoder", "select_layers", "check_prunable"]
 
@@ -151,16 +155,21 @@ def _capture_first_inputs(model: nn.Module, layer: nn.Module, windows: torch.Ten
 
 def _run(layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any], dtype: torch.dtype) -> torch.Tensor:
     out = layer(hidden.to(dtype), **kwargs)
-    return out[0] if isinstance(out, tuple) else out
+    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 def _feed(layer: nn.Module, module: nn.Module, inputs: _LayerInputs, dtype: torch.dtype,
-          consume: Callable[[torch.Tensor], None]) -> None:
-    """Run ``layer`` on every batch until ``module`` is called; hand its input (tokens x width) to ``consume``."""
+          consume: Callable[[torch.Tensor], None], *, every_argument: bool = False) -> None:
+    """Run ``layer`` on every batch until ``module`` is called; hand its input (tokens x width) to
+    ``consume`` (``every_argument``: all its tensor arguments, each as tokens x ..., as a tuple)."""
 
     def hook(mod: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        x = args[0] if args else next(iter(kwargs.values()))
-        consume(x.detach().reshape(-1, x.shape[-1]))
+        values = [v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)]
+        if every_argument:
+            tokens = values[0].shape[:-1].numel()
+            consume(tuple(v.detach().reshape(tokens, -1) for v in values))
+        else:
+            consume(values[0].detach().reshape(-1, values[0].shape[-1]))
         raise _Stop
 
     handle = module.register_forward_pre_hook(hook, with_kwargs=True)
@@ -192,9 +201,9 @@ class _LayerPruner:
         self.forward_seconds += time.perf_counter() - tick
 
     def _timed_feed(self, layer: nn.Module, module: nn.Module, inputs: _LayerInputs,
-                    consume: Callable[[torch.Tensor], None]) -> None:
+                    consume: Callable[[Any], None], every_argument: bool = False) -> None:
         with self.forward_pass():
-            _feed(layer, module, inputs, self.dtype, consume)
+            _feed(layer, module, inputs, self.dtype, consume, every_argument=every_argument)
 
     def prune(self, index: int, layer: nn.Module, lmap: DecoderLayerMap, inputs: _LayerInputs) -> _LayerOutcome:
         """Prune attention groups then the FFN in place; the layer's record, masks and grids."""
@@ -210,18 +219,49 @@ class _LayerPruner:
                 sol = self.attention_solver(lin.weight, gram, self.config.pattern, compute_dtype=compute, **self.solve_options)
                 lin.assign(sol.weight)
                 linears[lin.name] = LinearRecord.from_solution(sol)
-                outcome.add(lin.name, sol)
+                outcome.add(lin, sol)
                 solve_seconds += sol.seconds
-        parts: list[torch.Tensor] = []
-        self._timed_feed(layer, lmap.ffn_input, inputs, lambda x: parts.append(x.to(self.storage)))
-        ffn_inputs = torch.cat(parts)
-        parts.clear()
-        result = prune_chain(lmap.ffn, ffn_inputs, self.config, language_model=True)
-        for name, sol in result.solutions.items():
-            linears[name] = LinearRecord.from_solution(sol)
-            outcome.add(name, sol)
-        outcome.record = LayerRecord(index, linears, FFNRecord.from_chain(result), solve_seconds + result.seconds)
+        ffn = None
+        if lmap.ffn is not None:
+            parts: list[torch.Tensor] = []
+            self._timed_feed(layer, lmap.ffn_input, inputs, lambda x: parts.append(x.to(self.storage)))
+            result = prune_chain(lmap.ffn, torch.cat(parts), self.config, language_model=True)
+            parts.clear()
+            for lin in lmap.ffn.linears:
+                linears[lin.name] = LinearRecord.from_solution(result.solutions[lin.name])
+                outcome.add(lin, result.solutions[lin.name])
+            ffn, solve_seconds = FFNRecord.from_chain(result), solve_seconds + result.seconds
+        experts: list[ExpertRecord] = []
+        if lmap.experts is not None:
+            calls: list[tuple[torch.Tensor, ...]] = []
+            self._timed_feed(layer, lmap.experts.module, inputs,
+                             lambda args: calls.append((args[0].to(self.storage), *args[1:3])), every_argument=True)
+            hidden, index, weights = (torch.cat([c[i] for c in calls]) for i in range(3))
+            calls.clear()
+            for e, chain in enumerate(lmap.experts.chains):
+                rows, slot = torch.nonzero(index == e, as_tuple=True)
+                result, method = self._prune_expert(chain, hidden[rows], weights[rows, slot])
+                for lin in chain.linears:
+                    linears[lin.name] = LinearRecord.from_solution(result.solutions[lin.name])
+                    outcome.add(lin, result.solutions[lin.name])
+                experts.append(ExpertRecord.from_chain(e, len(rows), method, result))
+                solve_seconds += result.seconds
+        outcome.record = LayerRecord(index, linears, ffn, solve_seconds, experts)
         return outcome
+
+    def _prune_expert(self, chain: Chain, tokens: torch.Tensor, weights: torch.Tensor) -> tuple[ChainResult, str]:
+        """One expert on the tokens routed to it, each weighted by its router weight; with fewer tokens
+        than the expert's widest input the configured method falls back to the layer-wise solver
+        (no token: magnitude, which needs none)."""
+        widest = max(lin.weight.shape[1] for lin in chain.linears)
+        method = self.config.method
+        if len(tokens) == 0:
+            method = "magnitude"
+            tokens, weights = torch.zeros(1, chain.linears[0].weight.shape[1], dtype=self.storage), torch.ones(1)
+        elif len(tokens) < widest and method == "sparsellm":
+            method = self.config.solver
+        config = self.config if method == self.config.method else replace(self.config, method=method, sparsellm=None)
+        return prune_chain(chain, tokens, config, language_model=True, token_weights=weights.float()), method
 
 
 @dataclass
@@ -230,10 +270,10 @@ class _LayerOutcome:
     masks: dict[str, torch.Tensor]
     grids: dict[str, QuantizationGrid]
 
-    def add(self, name: str, solution: Any) -> None:
-        self.masks[name] = solution.mask
+    def add(self, linear: LinearMap, solution: Any) -> None:
+        linear.place(self.masks, solution.mask)
         if solution.grid is not None:
-            self.grids[name] = solution.grid
+            self.grids[linear.name] = solution.grid
 
 
 def _fingerprint(windows: torch.Tensor) -> str:
@@ -309,7 +349,8 @@ def prune_decoder(
                 result.layers.append(outcome.record)
                 result.masks.update(outcome.masks)
                 result.grids.update(outcome.grids)
-                bar.set_postfix(ffn_error=f"{outcome.record.ffn.relative_error:.4f}")
+                if outcome.record.ffn is not None:
+                    bar.set_postfix(ffn_error=f"{outcome.record.ffn.relative_error:.4f}")
             if index < chosen[-1]:
                 with pruner.forward_pass():
                     inputs.hidden = [_run(layer, h, kw, model_dtype).to(storage) for h, kw in zip(inputs.hidden, inputs.kwargs)]

@@ -13,7 +13,7 @@ from typing import Any
 from sparsesolve.core.coordinator import ChainResult
 from sparsesolve.core.solvers import LayerSolution
 
-__all__ = ["FFNRecord", "LayerRecord", "LinearRecord"]
+__all__ = ["ExpertRecord", "FFNRecord", "LayerRecord", "LinearRecord"]
 
 
 @dataclass(frozen=True)
@@ -57,13 +57,31 @@ class FFNRecord:
 
 
 @dataclass(frozen=True)
+class ExpertRecord:
+    """One routed expert: how many calibration tokens the router sent it, the method that pruned it (the
+    configured one, or the layer-wise fallback for too few tokens) and its weighted relative error."""
+
+    expert: int
+    tokens: int
+    method: str
+    relative_error: float
+
+    @classmethod
+    def from_chain(cls, expert: int, tokens: int, method: str, result: ChainResult) -> ExpertRecord:
+        """The record of an expert's chain result."""
+        return cls(expert, tokens, method, result.relative_error)
+
+
+@dataclass(frozen=True)
 class LayerRecord:
-    """Decoder layer ``layer``: its linears' records by full module name, its FFN, its solve seconds."""
+    """Decoder layer ``layer``: its linears' records by name, its dense FFN (None in an MoE layer without
+    a shared expert), its solve seconds and its routed experts."""
 
     layer: int
     linears: dict[str, LinearRecord]
-    ffn: FFNRecord
+    ffn: FFNRecord | None
     solve_seconds: float
+    experts: list[ExpertRecord] = field(default_factory=list)
 
     @property
     def escalations(self) -> int:
@@ -77,5 +95,6 @@ class LayerRecord:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LayerRecord:
         """Read the JSON form back."""
-        return cls(data["layer"], {k: LinearRecord(**v) for k, v in data["linears"].items()}, FFNRecord(**data["ffn"]),
-                   data["solve_seconds"])
+        return cls(data["layer"], {k: LinearRecord(**v) for k, v in data["linears"].items()},
+                   None if data["ffn"] is None else FFNRecord(**data["ffn"]), data["solve_seconds"],
+                   [ExpertRecord(**e) for e in data.get("experts", [])])

@@ -15,16 +15,22 @@ from torch import nn
 from sparsesolve.core.activations import Activation, get_activation
 from sparsesolve.core.chain import Chain, LinearMap
 
-__all__ = ["DecoderLayerMap", "Adapter", "activation_from_config"]
+__all__ = ["HF_ACTIVATIONS", "DecoderLayerMap", "ExpertsMap", "Adapter", "activation_from_config"]
 
 #: transformers activation names -> ours (only exact equivalents).
-_HF_ACTIVATIONS = {
+HF_ACTIVATIONS = {
     "silu": "silu",
     "swish": "silu",
     "relu": "relu",
+    "relu2": "relu2",
     "gelu": "gelu",
     "gelu_new": "gelu_tanh",
     "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_python": "gelu",
+    "gelu_accurate": "gelu_tanh",
+    "gelu_fast": "gelu_tanh",
+    "gelu_python_tanh": "gelu_tanh",
+    "linear": "identity",
     "tanh": "tanh",
     "sigmoid": "sigmoid",
 }
@@ -32,9 +38,24 @@ _HF_ACTIVATIONS = {
 
 def activation_from_config(name: str) -> Activation:
     """Our ``Activation`` for a transformers ``hidden_act`` / ``activation_function`` name."""
-    if name not in _HF_ACTIVATIONS:
-        raise ValueError(f"activation {name!r} is not supported; supported: {', '.join(sorted(_HF_ACTIVATIONS))}")
-    return get_activation(_HF_ACTIVATIONS[name])
+    if name not in HF_ACTIVATIONS:
+        raise ValueError(f"activation {name!r} is not supported; supported: {', '.join(sorted(HF_ACTIVATIONS))}")
+    return get_activation(HF_ACTIVATIONS[name])
+
+
+@dataclass
+class ExpertsMap:
+    """Routed experts: the module called as ``experts(hidden, top_k_index, top_k_weights)`` and one chain
+    per expert (views into its 3-D parameters); expert ``e``'s output is weighted by the router's weight."""
+
+    name: str
+    module: nn.Module
+    chains: list[Chain]
+
+    @property
+    def linears(self) -> list[LinearMap]:
+        """Every expert's linears, expert by expert."""
+        return [lin for chain in self.chains for lin in chain.linears]
 
 
 @dataclass
@@ -42,18 +63,22 @@ class DecoderLayerMap:
     """The prunable parts of one decoder layer.
 
     - ``attention``: groups of linears in true sequence; the linears of a group read the same input.
-    - ``ffn``: the feed-forward block as a chain (its output is reconstructed).
+    - ``ffn``: the dense feed-forward block as a chain (its output is reconstructed); in an MoE layer the
+      shared expert, or None.
     - ``ffn_input``: the module whose (first positional) forward input is the FFN input.
+    - ``experts``: routed experts (MoE layers), else None.
     """
 
     attention: list[list[LinearMap]]
-    ffn: Chain
-    ffn_input: nn.Module
+    ffn: Chain | None
+    ffn_input: nn.Module | None
+    experts: ExpertsMap | None = None
 
     @property
     def linears(self) -> list[LinearMap]:
-        """Every prunable linear of the layer, attention first."""
-        return [lin for group in self.attention for lin in group] + self.ffn.linears
+        """Every prunable linear of the layer: attention, then the FFN, then the experts."""
+        return ([lin for group in self.attention for lin in group] + (self.ffn.linears if self.ffn else [])
+                + (self.experts.linears if self.experts else []))
 
 
 class Adapter(ABC):
