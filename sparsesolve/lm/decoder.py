@@ -25,6 +25,7 @@ depend on the number of layers.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -136,7 +137,9 @@ def _capture_first_inputs(model: nn.Module, layer: nn.Module, windows: torch.Ten
     def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         hidden = args[0] if args else kwargs.pop("hidden_states")
         inputs.hidden.append(hidden.detach().to(device=device, dtype=storage))
-        inputs.kwargs.append({k: v for k, v in kwargs.items() if k != "hidden_states"})
+        # further positional arguments (RecurrentGemma passes position ids and mask so) travel by name
+        names = list(inspect.signature(module.forward).parameters)[1:len(args)]
+        inputs.kwargs.append({**dict(zip(names, args[1:])), **{k: v for k, v in kwargs.items() if k != "hidden_states"}})
         raise _Stop
 
     handle = layer.register_forward_pre_hook(hook, with_kwargs=True)
