@@ -12,12 +12,11 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from sparsesolve.core.activations import Activation, get_activation
 from sparsesolve.core.chain import Chain, LinearMap
 
-__all__ = ["HF_ACTIVATIONS", "DecoderLayerMap", "ExpertsMap", "Adapter", "activation_from_config"]
+__all__ = ["HF_ACTIVATIONS", "DecoderLayerMap", "ExpertsMap", "Adapter"]
 
-#: transformers activation names -> ours (only exact equivalents).
+#: transformers activation names -> ours (only exact equivalents; discovery checks them against the trace).
 HF_ACTIVATIONS = {
     "silu": "silu",
     "swish": "silu",
@@ -34,13 +33,6 @@ HF_ACTIVATIONS = {
     "tanh": "tanh",
     "sigmoid": "sigmoid",
 }
-
-
-def activation_from_config(name: str) -> Activation:
-    """Our ``Activation`` for a transformers ``hidden_act`` / ``activation_function`` name."""
-    if name not in HF_ACTIVATIONS:
-        raise ValueError(f"activation {name!r} is not supported; supported: {', '.join(sorted(HF_ACTIVATIONS))}")
-    return get_activation(HF_ACTIVATIONS[name])
 
 
 @dataclass

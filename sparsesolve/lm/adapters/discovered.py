@@ -221,7 +221,7 @@ def _is_router(call: _Call, experts: int | None) -> bool:
 
 
 class DiscoveredAdapter(Adapter):
-    """The adapter of every model type without an explicit one (module docstring)."""
+    """The adapter of every model type (module docstring)."""
 
     def __init__(self) -> None:
         self._maps: weakref.WeakKeyDictionary[nn.Module, list[DecoderLayerMap]] = weakref.WeakKeyDictionary()
