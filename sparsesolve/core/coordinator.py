@@ -91,9 +91,9 @@ class ChainResult:
         return zeros / max(1, sum(s.mask.numel() for s in self.solutions.values()))
 
 
-def _squared_error(a: torch.Tensor, b: torch.Tensor, weights: torch.Tensor | None = None) -> float:
-    """``sum_t w_t^2 ||a_t - b_t||^2`` (``w`` all ones when None)."""
-    return float((weigh(a - b, weights, slice(None)) ** 2).sum())
+def _squared_error(a: torch.Tensor, b: torch.Tensor | None, weights: torch.Tensor | None = None) -> float:
+    """``sum_t w_t^2 ||a_t - b_t||^2`` (``b`` zero when None, ``w`` all ones when None)."""
+    return float((weigh(a if b is None else a - b, weights, slice(None)) ** 2).sum())
 
 
 class CoordinatorState:
@@ -247,7 +247,7 @@ def sparsellm(
     fixed_mask = _fixed_mask_solver(config.refine, config.refine_tol, config.refine_iter, inputs.shape[0])
     state = CoordinatorState(chain, inputs, dtype, storage, chunk_size, config.alpha, config.beta, config.gamma,
                              token_weights)
-    reference = _squared_error(state.target, torch.zeros_like(state.target[:1]), token_weights)
+    reference = _squared_error(state.target, None, token_weights)
 
     start = layerwise(chain, inputs, pattern, solver, solver_options=options, dtype=dtype, storage_dtype=storage,
                       chunk_size=chunk_size, first_gram=state.input_gram, token_weights=token_weights)
@@ -342,5 +342,5 @@ def prune_chain(chain: Chain, inputs: torch.Tensor, config: PruneConfig, *, lang
         for lin, w in zip(stage.linears, ws):
             lin.assign(w)
     error = _squared_error(result.output, target, token_weights)
-    return ChainResult(result.solutions, error, _squared_error(target, torch.zeros_like(target[:1]), token_weights), error,
-                       [], 0, time.perf_counter() - started)
+    return ChainResult(result.solutions, error, _squared_error(target, None, token_weights), error, [], 0,
+                       time.perf_counter() - started)

@@ -35,7 +35,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from sparsesolve.core.quantize import QuantizationGrid
 from sparsesolve.lm.compressed import COMPRESSED_FILE, FORMAT
 from sparsesolve.lm.models import readable
-from sparsesolve.lm.output import OutputFolder, read_grids
+from sparsesolve.lm.output import GRIDS_FILE, OutputFolder, read_grids
 
 __all__ = ["export_compressed", "pack"]
 
@@ -108,7 +108,6 @@ def export_compressed(model_dir: str | Path, out: str | Path, *, dtype: torch.dt
         model = AutoModelForCausalLM.from_pretrained(source, dtype="auto")
         masks = {n: m.to(torch.bool) for n, m in load_file(str(source / "masks.safetensors")).items()}
     grids = read_grids(source)
-    quantization = None if not grids else (next(iter(grids.values())).bits, next(iter(grids.values())).groupsize)
     transposed = _linear_modules(model, list(masks))
     state = model.state_dict()
     tensors: dict[str, torch.Tensor] = {}
@@ -134,13 +133,13 @@ def export_compressed(model_dir: str | Path, out: str | Path, *, dtype: torch.dt
             tensors[key] = value.contiguous()
     folder.begin()
     for item in source.iterdir():
-        if item.is_file() and not item.name.startswith(("model", "masks", "quantization")) and item.suffix != ".partial":
+        if item.is_file() and not item.name.startswith(("model", "masks")) and item.name != GRIDS_FILE and item.suffix != ".partial":
             shutil.copy2(item, folder.staging / item.name)
     metadata = {"format": FORMAT, "encodings": json.dumps(encodings), "aliases": json.dumps(aliases)}
     save_file(tensors, str(folder.staging / COMPRESSED_FILE), metadata=metadata)
     numel = sum(t.numel() for k, t in state.items() if k not in aliases)
     report = {"format": FORMAT, "source": str(source), "value_dtype": str(dtype or "as saved"),
-              "quantization": None if quantization is None else {"bits": quantization[0], "groupsize": quantization[1]},
+              "quantization": next(({"bits": g.bits, "groupsize": g.groupsize} for g in grids.values()), None),
               "bytes": {"compressed": (folder.staging / COMPRESSED_FILE).stat().st_size,
                         "source_weights": _folder_bytes(source, "model*.safetensors"),
                         "source_masks": (source / "masks.safetensors").stat().st_size,

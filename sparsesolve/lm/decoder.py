@@ -210,8 +210,7 @@ class _LayerPruner:
 
     def prune(self, index: int, layer: nn.Module, lmap: DecoderLayerMap, inputs: _LayerInputs) -> _LayerOutcome:
         """Prune attention groups then the FFN in place; the layer's record, masks and grids."""
-        linears: dict[str, LinearRecord] = {}
-        outcome = _LayerOutcome(None, {}, {})
+        outcome = _LayerOutcome(None, {}, {}, {})
         solve_seconds = 0.0
         for group in lmap.attention:
             weight = group[0].weight
@@ -221,7 +220,6 @@ class _LayerPruner:
             for lin in group:
                 sol = self.attention_solver(lin.weight, gram, self.config.pattern, compute_dtype=compute, **self.solve_options)
                 lin.assign(sol.weight)
-                linears[lin.name] = LinearRecord.from_solution(sol)
                 outcome.add(lin, sol)
                 solve_seconds += sol.seconds
         ffn = None
@@ -230,9 +228,7 @@ class _LayerPruner:
             self._timed_feed(layer, lmap.ffn_input, inputs, lambda x: parts.append(x.to(self.storage)))
             result = prune_chain(lmap.ffn, torch.cat(parts), self.config, language_model=True)
             parts.clear()
-            for lin in lmap.ffn.linears:
-                linears[lin.name] = LinearRecord.from_solution(result.solutions[lin.name])
-                outcome.add(lin, result.solutions[lin.name])
+            outcome.add_chain(lmap.ffn, result)
             ffn, solve_seconds = FFNRecord.from_chain(result), solve_seconds + result.seconds
         experts: list[ExpertRecord] = []
         if lmap.experts is not None:
@@ -244,12 +240,10 @@ class _LayerPruner:
             for e, chain in enumerate(lmap.experts.chains):
                 rows, slot = torch.nonzero(index == e, as_tuple=True)
                 result, method = self._prune_expert(chain, hidden[rows], weights[rows, slot])
-                for lin in chain.linears:
-                    linears[lin.name] = LinearRecord.from_solution(result.solutions[lin.name])
-                    outcome.add(lin, result.solutions[lin.name])
+                outcome.add_chain(chain, result)
                 experts.append(ExpertRecord.from_chain(e, len(rows), method, result))
                 solve_seconds += result.seconds
-        outcome.record = LayerRecord(index, linears, ffn, solve_seconds, experts)
+        outcome.record = LayerRecord(index, outcome.linears, ffn, solve_seconds, experts)
         return outcome
 
     def _prune_expert(self, chain: Chain, tokens: torch.Tensor, weights: torch.Tensor) -> tuple[ChainResult, str]:
@@ -272,11 +266,19 @@ class _LayerOutcome:
     record: LayerRecord | None
     masks: dict[str, torch.Tensor]
     grids: dict[str, QuantizationGrid]
+    linears: dict[str, LinearRecord]
 
     def add(self, linear: LinearMap, solution: Any) -> None:
+        """Record one linear's solution: its record, its mask (placed in its parameter's) and its grid."""
+        self.linears[linear.name] = LinearRecord.from_solution(solution)
         linear.place(self.masks, solution.mask)
         if solution.grid is not None:
             self.grids[linear.name] = solution.grid
+
+    def add_chain(self, chain: Chain, result: ChainResult) -> None:
+        """``add`` every linear of a pruned chain."""
+        for lin in chain.linears:
+            self.add(lin, result.solutions[lin.name])
 
 
 def _fingerprint(windows: torch.Tensor) -> str:
@@ -370,4 +372,5 @@ def _restore(lmap: DecoderLayerMap, saved: dict[str, Any], config: PruneConfig) 
     quantizer = config.quantizer
     grids = {name: QuantizationGrid(quantizer.bits, quantizer.groupsize, g["scale"], g["zero"])
              for name, g in saved.get("grids", {}).items()} if quantizer is not None else {}
-    return _LayerOutcome(LayerRecord.from_dict(saved["record"]), {k: v.bool() for k, v in saved["masks"].items()}, grids)
+    record = LayerRecord.from_dict(saved["record"])
+    return _LayerOutcome(record, {k: v.bool() for k, v in saved["masks"].items()}, grids, record.linears)
