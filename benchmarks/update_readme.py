@@ -14,7 +14,9 @@ from pathlib import Path
 
 from benchmarks.architecture_census import table as census_table
 from benchmarks.bench_ast import table as ast_table
+from benchmarks.bench_compressed_tensors import table as compressed_tensors_table
 from benchmarks.bench_coordinator_scale import table as scale_table
+from benchmarks.bench_distributed import table as distributed_table
 from benchmarks.common import RESULTS
 from benchmarks.plot_ppl import table as ppl_table
 from benchmarks.study_tables import goals_table, heldout_table, layer_table, variant_table
@@ -124,7 +126,8 @@ TABLES = {"optimality-gap": optimality_gap_table, "solvers": solver_table, "mlp"
           "ppl-full": lambda: ppl_table("p1", "full"), "ppl-first-half": lambda: ppl_table("p1", "first-half"),
           "goals-full": goals_table, "export-sizes": export_table,
           "quantized": quantized_table, "ast": ast_table, "coordinator-scale": scale_table,
-          "census": census_table}
+          "census": census_table, "distributed": distributed_table,
+          "compressed-tensors": compressed_tensors_table}
 STUDY_TABLES = {"study-variants": variant_table, "study-goals": goals_table, "study-layers": layer_table,
                 "study-heldout": heldout_table}
 

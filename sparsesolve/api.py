@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from sparsesolve.core import distributed
 from sparsesolve.core.chain import Chain
 from sparsesolve.core.config import PruneConfig, SparseLLMConfig
 from sparsesolve.core.coordinator import ChainResult, prune_chain
@@ -73,6 +74,11 @@ def prune(
       fields (``iterations``, ``alpha``, ...) over the defaults of what is pruned.
     - ``checkpoint_dir``, ``resume``: per-layer checkpoints of a language model (``prune_decoder``).
     - ``progress``: bars (default: on for language models, off for chains).
+
+    Under an initialised ``torch.distributed`` process group with several ranks, each rank passes its
+    own share of the calibration (``sparsesolve.core.distributed.share``) and the run is token sharded:
+    every rank ends with the weights one process would compute from all shares (README, "Beyond one
+    device").
     """
     language_model = isinstance(model, PreTrainedModel)
     if config is None:
@@ -86,13 +92,13 @@ def prune(
         raise ValueError("checkpoint_dir applies to language models (layer-by-layer runs) only")
     chain = Chain.from_module(model)
     width = chain.linears[0].weight.shape[1]
-    if calibration.dim() != 2 or calibration.shape[0] == 0 or calibration.shape[1] != width:
+    if calibration.dim() != 2 or calibration.shape[1] != width:
         raise ValueError(
-            f"calibration must be a non-empty N x {width} tensor (the model's inputs), "
+            f"calibration must be an N x {width} tensor (the model's inputs), "
             f"got shape {tuple(calibration.shape)}"
         )
     check_finite("calibration", calibration)
     for lin in chain.linears:
         config.pattern.validate(tuple(lin.weight.shape))
-    with torch.no_grad():
+    with torch.no_grad(), distributed.token_sharded():
         return prune_chain(chain, calibration, config, progress=bool(progress))

@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     target = prune.add_mutually_exclusive_group(required=True)
     target.add_argument("--sparsity", help="unstructured fraction of zeros per row, e.g. 0.7 or 70%%")
     target.add_argument("--pattern", help="'2:4', '4:8', '3:4' (N zeros in every M inputs) or '70%%'")
-    add_config_flags(prune, PruneConfig, ("method", "solver", "layers", "storage_dtype", "device"),
+    add_config_flags(prune, PruneConfig, ("method", "solver", "layers", "storage_dtype", "device", "batch_size", "chunk_size"),
                      shown_defaults={"layers": "all", "device": "cpu, where the model is loaded", "storage_dtype": "the model's"})
     prune.add_argument("--damp", type=float, default=None, help="relative damping of every solve (default 0.01)")
     prune.add_argument("--wbits", type=int, default=None,
@@ -96,10 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser("export", help="write a pruned model folder in a compressed format")
     export.add_argument("--model", required=True, help="a sparsesolve prune or retrain output folder")
-    export.add_argument("--format", choices=["compressed"], default="compressed",
-                        help="compressed: kept values plus a packed bitmask or indices per pruned linear (safetensors)")
+    export.add_argument("--format", choices=["compressed", "compressed-tensors"], default="compressed",
+                        help="compressed: kept values plus a packed bitmask or indices per pruned linear (safetensors, "
+                             "smallest, read by sparsesolve); compressed-tensors: the layout transformers and vLLM load "
+                             "(--wbits models as packed int4/int8 with group scales; others dense with sparsity metadata)")
     export.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                        help="store every floating tensor in this dtype (default: as saved)")
+                        help="store every floating tensor in this dtype (default: as saved; --format compressed only)")
     export.add_argument("--out", required=True, help="output folder")
     export.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     _common(export)
@@ -124,7 +126,7 @@ def _prune_config(args: argparse.Namespace) -> PruneConfig:
                          f"pass --pattern {args.sparsity}")
     return PruneConfig(
         pattern=args.pattern if args.pattern is not None else args.sparsity,
-        **config_values(args, PruneConfig, ("method", "solver", "layers", "storage_dtype", "device")),
+        **config_values(args, PruneConfig, ("method", "solver", "layers", "storage_dtype", "device", "batch_size", "chunk_size")),
         solver_options={"damp": args.damp} if args.damp is not None else {},
         quantizer=None if args.wbits is None else GroupQuantizer(args.wbits, args.groupsize),
         sparsellm=SparseLLMConfig.for_language_models(**coordinator) if coordinator else None,
@@ -174,6 +176,21 @@ def _export(args: argparse.Namespace) -> int:
     import torch
 
     from sparsesolve.deploy.export import export_compressed
+
+    if args.format == "compressed-tensors":
+        if args.dtype is not None:
+            raise ValueError("--dtype applies to --format compressed; compressed-tensors keeps the saved dtype")
+        from sparsesolve.deploy.compressed_tensors import export_compressed_tensors
+
+        report = export_compressed_tensors(args.model, args.out, overwrite=args.overwrite)
+        quantization = report["quantization"]
+        _say(f"saved {args.out}: compressed-tensors, {report['bytes']['weights'] / 2**20:.1f} MiB of weights; "
+             + (f"{report['quantized_linears']} linears packed as int{quantization['bits']} with groups of "
+                f"{quantization['groupsize']}" if quantization else "weights stored dense"
+                + (" (on their quantisation grid; compressed-tensors packs nn.Linear only)"
+                   if report["quantized_but_stored_dense"] else " (not quantised)"))
+             + f"; sparsity {report['sparsity']['structure']} {report['sparsity']['global']:.1%} recorded as metadata")
+        return 0
 
     report = export_compressed(args.model, args.out, dtype=getattr(torch, args.dtype) if args.dtype else None,
                                overwrite=args.overwrite)

@@ -8,14 +8,18 @@ Order of ``run_prune``, chosen so that bad input fails before any expensive work
 is checked (exists? writable?) before the model loads, the model and pattern are checked before the
 corpora are tokenised, and the dense perplexity is saved in the staging folder so ``resume`` does not
 evaluate it twice.
+
+Under ``torchrun --nproc-per-node K`` (or an initialised process group) ``run_prune`` runs token
+sharded (``core.distributed``): the ranks check they were given the same run, each takes its
+contiguous share of the calibration windows (and of the test windows when scoring), the token sums
+are all-reduced, and rank 0 alone prints and writes the staging folder, checkpoints and output.
 """
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +27,11 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sparsesolve.config import EvaluationConfig, RunConfig
+from sparsesolve.core import distributed
 from sparsesolve.lm.bundled import BUNDLED
 from sparsesolve.lm.data import calibration_windows, corpus_tokens
 from sparsesolve.lm.decoder import PruneResult, check_prunable, prune_decoder
-from sparsesolve.lm.environment import environment, peak_memory_mb
+from sparsesolve.lm.environment import environment, peak_memory_mb, stage_peak
 from sparsesolve.lm.evaluate import perplexity
 from sparsesolve.lm.models import check_seq_len, load_model
 from sparsesolve.lm.output import OutputFolder
@@ -63,29 +68,54 @@ def evaluate_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, e
 
 def run_prune(run: RunConfig, *, progress: bool = True, command: str | None = None,
               say: Callable[[str], None] = _silent) -> RunResult:
-    """Execute ``run`` (module docstring); ``say`` receives one line per stage; ``command`` goes into the report."""
+    """Execute ``run`` (module docstring); ``say`` receives one line per stage; ``command`` goes into the report.
+    Under ``torchrun`` the process group starts here (gloo for ``--device cpu``, nccl for cuda) and ends
+    with the run."""
+    import torch.distributed as dist
+
+    device, own_group = distributed.start_process_group(run.prune.device or "cpu")
+    try:
+        with distributed.token_sharded():
+            distributed.agree({**run.to_dict(), "out": run.out, "resume": run.resume, "overwrite": run.overwrite,
+                               "prune": {**run.prune.to_dict(), "device": None}}, "the run's settings")
+            if own_group and device != (run.prune.device or "cpu"):
+                run = replace(run, prune=replace(run.prune, device=device))
+            return _prune(run, progress=progress, command=command, say=say if distributed.is_main() else _silent)
+    finally:
+        if own_group:
+            dist.destroy_process_group()
+
+
+def _prune(run: RunConfig, *, progress: bool, command: str | None, say: Callable[[str], None]) -> RunResult:
     out = None if run.out is None else OutputFolder(run.out, overwrite=run.overwrite, resume=run.resume)
     if out is not None:
-        out.check()
+        distributed.on_main(out.check)
     started = time.perf_counter()
     model, tokenizer = load_model(run.model)
     check_seq_len(model, run.calibration.seq_len)
     layers = check_prunable(model, run.prune.pattern, run.prune.layers)
-    calib = run.calibration
+    calib, ranks = run.calibration, distributed.world_size() if distributed.sharded() else 1
+    if calib.windows < ranks:
+        raise ValueError(f"{calib.windows} calibration windows cannot be shared by {ranks} ranks; "
+                         f"use --nsamples {ranks} or more, or fewer ranks")
     windows = calibration_windows(corpus_tokens(tokenizer, calib.corpus, "train"), calib.windows, calib.seq_len, calib.seed)
+    windows = windows[distributed.share(len(windows), ranks)]
     tests = {name: corpus_tokens(tokenizer, name, "test") for name in run.evaluation.corpora}
-    resumed = out.begin() if out is not None else False
+    resumed = distributed.on_main(out.begin) if out is not None else False
     say(f"{'resuming' if resumed else 'pruning'} {run.model} ({model.config.model_type}, {_count(len(layers), 'layer')}) "
-        f"with {run.prune.method} at {run.prune.pattern}; calibration {calib.windows} x {calib.seq_len} tokens of {calib.corpus}")
+        f"with {run.prune.method} at {run.prune.pattern}; calibration {calib.windows} x {calib.seq_len} tokens of {calib.corpus}"
+        + (f", sharded over {ranks} ranks" if ranks > 1 else ""))
     tick = time.perf_counter()
-    dense = out.read_json("dense.json") if resumed else None
+    dense = distributed.on_main(lambda: out.read_json("dense.json")) if resumed else None
     if dense is None:
         dense = evaluate_model(model, tokenizer, run.evaluation, tokens=tests, progress=progress)
         if out is not None:
-            out.write_json("dense.json", dense)
+            distributed.on_main(lambda: out.write_json("dense.json", dense))
     eval_seconds = time.perf_counter() - tick
-    result = prune_decoder(model, windows, run.prune, checkpoint_dir=None if out is None else out.checkpoints,
-                           resume=resumed, progress=progress)
+    lifetime_peak = peak_memory_mb()
+    with stage_peak() as memory:
+        result = prune_decoder(model, windows, run.prune, checkpoint_dir=None if out is None else out.checkpoints,
+                               resume=resumed, progress=progress)
     tick = time.perf_counter()
     pruned = evaluate_model(model, tokenizer, run.evaluation, tokens=tests, progress=progress)
     eval_seconds += time.perf_counter() - tick
@@ -98,12 +128,17 @@ def run_prune(run: RunConfig, *, progress: bool = True, command: str | None = No
         "sparsity": result.sparsity, "escalations": result.escalations, "resumed_layers": result.resumed_layers,
         "seconds": {"total": time.perf_counter() - started, "prune": result.seconds,
                     "forward": result.forward_seconds, "solve": result.solve_seconds, "evaluation": eval_seconds},
-        "peak_memory_mb": peak_memory_mb(), **environment(),
+        "ranks": ranks, "peak_memory_mb": max(per_rank := distributed.gather(max(lifetime_peak, peak_memory_mb()))),
+        "peak_memory_mb_per_rank": per_rank,
+        "prune_memory_mb_per_rank": distributed.gather({"before": memory.before_mb, "peak": memory.peak_mb}),
+        **environment(),
         "layers_detail": [record.to_dict() for record in result.layers],
     }
-    path = None if out is None else out.commit(model, tokenizer, result.masks, report, result.grids)
+    path = None if out is None else distributed.on_main(lambda: out.commit(model, tokenizer, result.masks, report,
+                                                                           result.grids))
     say(f"sparsity {result.sparsity:.4f} over the pruned linears; pruning {result.seconds:.1f} s "
-        f"(forward {result.forward_seconds:.1f} s, solves {result.solve_seconds:.1f} s); peak memory {peak_memory_mb():.0f} MiB")
+        f"(forward {result.forward_seconds:.1f} s, solves {result.solve_seconds:.1f} s); peak memory "
+        f"{report['peak_memory_mb']:.0f} MiB" + (" per rank" if ranks > 1 else ""))
     for name in tests:
         say(f"perplexity {name}: dense {dense[name]:.2f} -> pruned {pruned[name]:.2f}")
     if path is not None:
@@ -123,14 +158,9 @@ def run_retrain(config: RetrainConfig, *, teacher: str, out: str, from_dir: str 
     from sparsesolve.retrain.start import sparse_student
 
     OutputFolder(out, overwrite=overwrite, resume=resume).check()
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda but no CUDA device is visible; use --device cpu")
-    if distributed and device == "cuda":
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-        torch.cuda.set_device(device)
-    if distributed and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    device, own_group = distributed.start_process_group(device)
     try:
         teacher_model, tokenizer = load_model(teacher, device=device)
         student, _ = load_model(from_dir or teacher, device=device)
@@ -140,7 +170,7 @@ def run_retrain(config: RetrainConfig, *, teacher: str, out: str, from_dir: str 
                        progress=progress, start={"from": from_dir or "dense + magnitude", "teacher": teacher,
                                                  "pruned": pruned, "slorb": slorb})
     finally:
-        if distributed:
+        if own_group:
             dist.destroy_process_group()
 
 

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import settings
+from tiny_lm import save_tiny, tiny_tokenizer
+
+from sparsesolve.lm.corpora import load_text
 
 settings.register_profile("ci", max_examples=60, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
@@ -31,3 +35,10 @@ def layer_problem() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(W, X, H)`` with W 6 x 16, X 200 x 16 (H positive definite)."""
     x = correlated_inputs(200, 16, seed=1)
     return random_weight(6, 16, seed=1), x, x.T @ x
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 6-layer tiny Llama with a BPE tokenizer trained on the wiki corpus, saved as a model folder."""
+    tokenizer = tiny_tokenizer(load_text("wiki", "train")[:100_000])
+    return save_tiny(tmp_path_factory.mktemp("model") / "tiny-llama", "llama", tokenizer, layers=6, ffn=256)

@@ -142,3 +142,22 @@ def test_coordinator_scale_benchmark_smoke(tmp_path, monkeypatch) -> None:
     assert row["sparsellm_error"] <= row["sparsegpt_error"] and row["sparsellm_profile"]["ops"] > row["sparsegpt_profile"]["ops"] > 0
     assert [r["method"] for r in data["whole_model"]] == ["sparsegpt", "sparsellm"]
     assert "| 64 x 128 | synthetic | 512 | 2:4 |" in bench_coordinator_scale.table(tmp_path)
+
+
+def test_distributed_benchmark_smoke(tmp_path, monkeypatch, tiny_folder) -> None:
+    """One rank and two ranks under torchrun on the tiny Llama's first layer: the issue's fields, equal weights."""
+    import sys
+
+    from benchmarks import bench_distributed
+
+    monkeypatch.setattr(sys, "argv", ["bench_distributed", "--model", str(tiny_folder), "--nsamples", "4", "--seq-len",
+                                      "32", "--layers", "0:1", "--batch-size", "2", "--chunk-size", "64", "--out", str(tmp_path)])
+    bench_distributed.main()
+    rows = json.loads((tmp_path / "distributed.json").read_text())["rows"]
+    for key in ("ranks", "threads_per_rank", "tokens", "method", "pattern", "wall_s", "peak_rss_mb_per_rank",
+                "max_rel_weight_diff_vs_single"):
+        assert all(key in row for row in rows)
+    assert [r["ranks"] for r in rows] == [1, 2] and rows[0]["max_rel_weight_diff_vs_single"] == 0
+    # shares of 2 windows of 32 tokens are whole batches and chunks of the one-rank run: the same sums
+    assert rows[1]["max_rel_weight_diff_vs_single"] < 1e-6 and rows[1]["identical_mask_fraction"] == 1
+    assert "| 2 x 1 | 128 | sparsellm | 2:4 |" in bench_distributed.table(tmp_path)

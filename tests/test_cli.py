@@ -13,20 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_lm import save_tiny, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
 from sparsesolve.cli import main
-from sparsesolve.lm.corpora import load_text
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 6-layer tiny Llama with a BPE tokenizer trained on the wiki corpus, saved as a model folder."""
-    tokenizer = tiny_tokenizer(load_text("wiki", "train")[:100_000])
-    return save_tiny(tmp_path_factory.mktemp("model") / "tiny-llama", "llama", tokenizer, layers=6, ffn=256)
 
 
 def prune_args(model: Path, out: Path, *extra: str) -> list[str]:

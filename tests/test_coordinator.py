@@ -158,7 +158,7 @@ def test_bad_arguments(kwargs: dict, message: str) -> None:
         (nn.Sequential(nn.ReLU(), nn.Linear(16, 4)), torch.randn(8, 16), "must directly follow"),
         (nn.Sequential(nn.Linear(16, 4), nn.LayerNorm(4)), torch.randn(8, 16), "unsupported module"),
         (nn.Sequential(nn.Linear(16, 4)), torch.randn(8, 15), "N x 16"),
-        (nn.Sequential(nn.Linear(16, 4)), torch.randn(0, 16), "non-empty"),
+        (nn.Sequential(nn.Linear(16, 4)), torch.randn(0, 16), "no calibration tokens"),
         (nn.Sequential(nn.Linear(16, 4)), torch.full((8, 16), float("nan")), "NaN"),
         (nn.Sequential(), torch.randn(8, 16), "at least one linear"),
     ],

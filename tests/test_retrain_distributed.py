@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import socket
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo import gloo_rank, spawn
 from safetensors.torch import load_file
 from tiny_lm import save_tiny, tiny_tokenizer
 
@@ -28,26 +25,14 @@ def _train(tiny: Path, out: Path) -> dict[str, torch.Tensor]:
         f"{name}.mask": layer.mask.clone() for name, layer in layers.items()}
 
 
-def _worker(rank: int, tiny: Path, out: Path, port: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        state = _train(tiny, out / "ddp")
-        torch.save(state, out / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _worker(rank: int, port: int, tiny: Path, out: Path) -> None:
+    with gloo_rank(rank, port):
+        torch.save(_train(tiny, out / "ddp"), out / f"rank{rank}.pt")
 
 
 def test_two_processes_match_one_process(tmp_path: Path) -> None:
     tiny = save_tiny(tmp_path / "tiny", "llama", tiny_tokenizer(load_text("wiki", "train")[:50_000]))
-    mp.spawn(_worker, args=(tiny, tmp_path, _free_port()), nprocs=2, join=True)
+    spawn(_worker, tiny, tmp_path)
     rank1 = torch.load(tmp_path / "rank1.pt")
     single = _train(tiny, tmp_path / "single")
     saved = load_file(str(tmp_path / "ddp" / "model.safetensors"))

@@ -152,7 +152,7 @@ class PruneConfig:
     sparsellm: SparseLLMConfig | None = option(None, "coordinator settings (None: the defaults of what is pruned)")
     layers: str | Sequence[int] | None = option(None, "decoder layers to prune: 'all' (None), 'first-half', 'A:B' "
                                                       "(0-based, B excluded) or 'i,j'")
-    batch_size: int = option(8, "calibration windows per forward pass")
+    batch_size: int = option(8, "calibration windows per forward pass", flag="--calib-batch-size")
     storage_dtype: str | None = option(None, "dtype of stored activations; solves stay float32 or float64",
                                        choices=STORAGE_DTYPES)
     device: str | None = option(None, "where layers are processed (None: the model's device)")

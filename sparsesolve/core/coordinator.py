@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 
 from sparsesolve.core.chain import Chain, LinearMap, apply_linear
 from sparsesolve.core.config import PruneConfig, SparseLLMConfig
+from sparsesolve.core.distributed import reduce_count, reduce_float
 from sparsesolve.core.linalg import compute_dtype_for, damped_cholesky
 from sparsesolve.core.patterns import Pattern
 from sparsesolve.core.sequential import layerwise, sequential_pass
@@ -92,8 +93,17 @@ class ChainResult:
 
 
 def _squared_error(a: torch.Tensor, b: torch.Tensor | None, weights: torch.Tensor | None = None) -> float:
-    """``sum_t w_t^2 ||a_t - b_t||^2`` (``b`` zero when None, ``w`` all ones when None)."""
-    return float((weigh(a if b is None else a - b, weights, slice(None)) ** 2).sum())
+    """``sum_t w_t^2 ||a_t - b_t||^2`` (``b`` zero when None, ``w`` all ones when None), over every
+    rank's tokens when token sharded."""
+    return reduce_float(float((weigh(a if b is None else a - b, weights, slice(None)) ** 2).sum()))
+
+
+def _token_count(inputs: torch.Tensor) -> int:
+    """The number of calibration tokens (over all ranks when token sharded); one-line error when none."""
+    count = reduce_count(inputs.shape[0])
+    if count == 0:
+        raise ValueError("no calibration tokens: pass at least one input row")
+    return count
 
 
 class CoordinatorState:
@@ -221,7 +231,8 @@ def sparsellm(
 ) -> ChainResult:
     """Prune every linear of ``chain`` jointly (module docstring); weights are written into its modules.
 
-    - ``inputs``: calibration inputs of the chain, ``N x n`` (tokens as rows).
+    - ``inputs``: calibration inputs of the chain, ``N x n`` (tokens as rows); inside
+      ``distributed.token_sharded()`` this rank's share, every token sum then covering all ranks'.
     - ``solver``: per-layer masked solver of each coordinated pass and of the one-shot start (``SOLVERS``).
     - ``config``: the coordinator's settings (``SparseLLMConfig``, default ``SparseLLMConfig()``);
       ``overrides`` replace single fields of it (``iterations=2``, ``alpha=0.1``, ...). ``refine``'s
@@ -244,7 +255,7 @@ def sparsellm(
     options = dict(solver_options or {})
     method = get_solver(solver)
     damp = options.get("damp", 0.01)
-    fixed_mask = _fixed_mask_solver(config.refine, config.refine_tol, config.refine_iter, inputs.shape[0])
+    fixed_mask = _fixed_mask_solver(config.refine, config.refine_tol, config.refine_iter, _token_count(inputs))
     state = CoordinatorState(chain, inputs, dtype, storage, chunk_size, config.alpha, config.beta, config.gamma,
                              token_weights)
     reference = _squared_error(state.target, None, token_weights)
@@ -334,8 +345,11 @@ def prune_chain(chain: Chain, inputs: torch.Tensor, config: PruneConfig, *, lang
                          solver_options=options, chunk_size=config.chunk_size, storage_dtype=storage, progress=progress,
                          token_weights=token_weights)
     started = time.perf_counter()
+    _token_count(inputs)
     dtype = compute_dtype_for(inputs)
-    target = chain.forward(inputs.to(dtype))
+    width = chain.stages[-1].linear.weight.shape[0]
+    target = map_tokens(inputs.shape[0], config.chunk_size, lambda c: chain.forward(inputs[c].to(dtype)),
+                        torch.empty(inputs.shape[0], width, dtype=dtype, device=inputs.device))
     result = layerwise(chain, inputs, pattern, config.method, solver_options=options, dtype=dtype,
                        storage_dtype=storage or inputs.dtype, chunk_size=config.chunk_size, token_weights=token_weights)
     for stage, ws in zip(chain.stages, result.weights):

@@ -2,7 +2,9 @@
 
 Activations are stored once (``N x d``, in the storage dtype); Gram matrices and cross-covariances
 are sums over tokens, so accumulating them chunk by chunk in the compute dtype gives the same result
-for any chunk size (up to floating-point summation order).
+for any chunk size (up to floating-point summation order). Under token sharding
+(``distributed.token_sharded``) each rank holds a share of the tokens and ``accumulate`` all-reduces
+its sum, so a Gram or cross-covariance is that of all ranks' tokens; per-token maps stay local.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 import torch
+
+from sparsesolve.core.distributed import reduce
 
 __all__ = ["token_chunks", "accumulate", "map_tokens", "gram", "weigh"]
 
@@ -25,14 +29,23 @@ def token_chunks(n_tokens: int, chunk_size: int | None) -> Iterator[slice]:
 
 
 def accumulate(n_tokens: int, chunk_size: int | None, fn: Callable[[slice], torch.Tensor]) -> torch.Tensor:
-    """``sum_chunks fn(chunk)`` (e.g. ``X_c^T X_c`` for a Gram matrix)."""
+    """``sum_chunks fn(chunk)`` (e.g. ``X_c^T X_c`` for a Gram matrix), summed over the ranks when token
+    sharded; a rank without tokens contributes ``fn`` of the empty slice (zeros of the right shape).
+
+    Each chunk's part is computed in its own dtype; the parts are summed, and all-reduced, in float64
+    and the total is returned in the parts' dtype. So the result depends on the chunks, not on the
+    order they are added in: one process and K ranks holding the same chunks get the same total
+    (to float64 roundoff, far below a float32 ulp), however the tokens are split."""
     total: torch.Tensor | None = None
+    dtype = None
     for chunk in token_chunks(n_tokens, chunk_size):
         part = fn(chunk)
-        total = part if total is None else total + part
+        dtype = part.dtype
+        total = part.to(torch.float64) if total is None else total.add_(part)
     if total is None:
-        raise ValueError("no calibration tokens: pass at least one input row")
-    return total
+        part = fn(slice(0, 0))
+        total, dtype = part.to(torch.float64), part.dtype
+    return reduce(total).to(dtype)
 
 
 def map_tokens(

@@ -37,7 +37,7 @@ from sparsesolve.lm.compressed import COMPRESSED_FILE, FORMAT
 from sparsesolve.lm.models import readable
 from sparsesolve.lm.output import GRIDS_FILE, OutputFolder, read_grids
 
-__all__ = ["export_compressed", "pack"]
+__all__ = ["copy_side_files", "export_compressed", "on_grid_codes", "pack", "read_pruned"]
 
 
 
@@ -65,13 +65,7 @@ def _grid_codes(weight: torch.Tensor, mask: torch.Tensor, name: str, grid: Quant
     """``NAME.scales`` (float32) and ``NAME.offsets`` (``-zero``, int16) per row and group, and
     ``NAME.codes`` per kept value (row-major; two per byte for ``bits <= 4``), after checking that every
     kept value is its grid point in the weight's dtype (a weight changed after pruning is refused)."""
-    codes = grid.codes(weight)
-    columns = torch.arange(weight.shape[1]) // grid.groupsize
-    values = grid.scale[:, columns] * (codes - grid.zero[:, columns]).float()
-    if not torch.equal(values.to(weight.dtype)[mask], weight[mask]):
-        raise ValueError(f"{name}'s kept weights are not on the quantisation grid its pruner saved: "
-                         "export the folder sparsesolve prune wrote, or delete quantization.safetensors")
-    kept = codes[mask].to(torch.uint8)
+    kept = on_grid_codes(weight, mask, name, grid)[mask].to(torch.uint8)
     if grid.bits <= 4:
         padded = torch.cat([kept, kept.new_zeros(len(kept) % 2)])
         kept = padded[0::2] | (padded[1::2] << 4)
@@ -90,6 +84,40 @@ def _linear_modules(model: PreTrainedModel, names: list[str]) -> dict[str, bool]
     return {n: not isinstance(modules[n], nn.Linear) for n in names if n in modules}
 
 
+def read_pruned(source: Path, out: OutputFolder) -> tuple[PreTrainedModel, dict[str, torch.Tensor],
+                                                       dict[str, QuantizationGrid]]:
+    """The model, keep-masks and quantisation grids of a pruned folder, after checking it is one and that
+    ``out`` may be written (one-line ``ValueError``s)."""
+    if not source.is_dir():
+        raise ValueError(f"model folder {source} does not exist; give a sparsesolve prune or retrain output folder")
+    if not (source / "masks.safetensors").exists():
+        raise ValueError(f"{source} has no masks.safetensors: export a sparsesolve prune or retrain output folder")
+    out.check()
+    with readable(source):
+        model = AutoModelForCausalLM.from_pretrained(source, dtype="auto")
+        masks = {n: m.to(torch.bool) for n, m in load_file(str(source / "masks.safetensors")).items()}
+    return model, masks, read_grids(source)
+
+
+def copy_side_files(source: Path, staging: Path) -> None:
+    """Copy the config, tokenizer and other small files of a pruned folder (not its weights, masks, grids)."""
+    for item in source.iterdir():
+        if item.is_file() and not item.name.startswith(("model", "masks")) and item.name != GRIDS_FILE and item.suffix != ".partial":
+            shutil.copy2(item, staging / item.name)
+
+
+def on_grid_codes(weight: torch.Tensor, mask: torch.Tensor, name: str, grid: QuantizationGrid) -> torch.Tensor:
+    """The ``out x in`` int16 codes of ``weight`` on ``grid``, after checking that every kept value is its
+    grid point in the weight's dtype (a weight changed after pruning is refused)."""
+    codes = grid.codes(weight)
+    columns = torch.arange(weight.shape[1]) // grid.groupsize
+    values = grid.scale[:, columns] * (codes - grid.zero[:, columns]).float()
+    if not torch.equal(values.to(weight.dtype)[mask], weight[mask]):
+        raise ValueError(f"{name}'s kept weights are not on the quantisation grid its pruner saved: "
+                         "export the folder sparsesolve prune wrote, or delete quantization.safetensors")
+    return codes
+
+
 def _folder_bytes(folder: Path, pattern: str) -> int:
     return sum(p.stat().st_size for p in folder.glob(pattern))
 
@@ -98,16 +126,8 @@ def export_compressed(model_dir: str | Path, out: str | Path, *, dtype: torch.dt
                       overwrite: bool = False) -> dict[str, Any]:
     """Write the compressed folder of a pruned model folder; returns the size report (``compression.json``)."""
     source = Path(model_dir)
-    if not source.is_dir():
-        raise ValueError(f"model folder {source} does not exist; give a sparsesolve prune or retrain output folder")
-    if not (source / "masks.safetensors").exists():
-        raise ValueError(f"{source} has no masks.safetensors: export a sparsesolve prune or retrain output folder")
     folder = OutputFolder(out, overwrite=overwrite)
-    folder.check()
-    with readable(source):
-        model = AutoModelForCausalLM.from_pretrained(source, dtype="auto")
-        masks = {n: m.to(torch.bool) for n, m in load_file(str(source / "masks.safetensors")).items()}
-    grids = read_grids(source)
+    model, masks, grids = read_pruned(source, folder)
     transposed = _linear_modules(model, list(masks))
     state = model.state_dict()
     tensors: dict[str, torch.Tensor] = {}
@@ -132,9 +152,7 @@ def export_compressed(model_dir: str | Path, out: str | Path, *, dtype: torch.dt
         else:
             tensors[key] = value.contiguous()
     folder.begin()
-    for item in source.iterdir():
-        if item.is_file() and not item.name.startswith(("model", "masks")) and item.name != GRIDS_FILE and item.suffix != ".partial":
-            shutil.copy2(item, folder.staging / item.name)
+    copy_side_files(source, folder.staging)
     metadata = {"format": FORMAT, "encodings": json.dumps(encodings), "aliases": json.dumps(aliases)}
     save_file(tensors, str(folder.staging / COMPRESSED_FILE), metadata=metadata)
     numel = sum(t.numel() for k, t in state.items() if k not in aliases)

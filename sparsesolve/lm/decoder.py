@@ -38,6 +38,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from sparsesolve.core import distributed
 from sparsesolve.core.chain import Chain, LinearMap
 from sparsesolve.core.config import PruneConfig
 from sparsesolve.core.coordinator import ChainResult, prune_chain
@@ -215,8 +216,11 @@ class _LayerPruner:
         for group in lmap.attention:
             weight = group[0].weight
             compute = compute_dtype_for(weight)
-            gram = torch.zeros(weight.shape[1], weight.shape[1], dtype=compute, device=weight.device)
-            self._timed_feed(layer, group[0].module, inputs, lambda x, c=compute, g=gram: g.addmm_(x.to(c).T, x.to(c)))
+            # each batch's Gram in the compute dtype, their sum in float64 (streaming.accumulate's rule)
+            total = torch.zeros(weight.shape[1], weight.shape[1], dtype=torch.float64, device=weight.device)
+            self._timed_feed(layer, group[0].module, inputs, lambda x, c=compute, g=total: g.add_(x.to(c).T @ x.to(c)))
+            gram = distributed.reduce(total).to(compute)
+            del total
             for lin in group:
                 sol = self.attention_solver(lin.weight, gram, self.config.pattern, compute_dtype=compute, **self.solve_options)
                 lin.assign(sol.weight)
@@ -226,8 +230,10 @@ class _LayerPruner:
         if lmap.ffn is not None:
             parts: list[torch.Tensor] = []
             self._timed_feed(layer, lmap.ffn_input, inputs, lambda x: parts.append(x.to(self.storage)))
-            result = prune_chain(lmap.ffn, torch.cat(parts), self.config, language_model=True)
-            parts.clear()
+            tokens = torch.cat(parts)
+            parts.clear()                       # the batches are not held twice while the FFN is pruned
+            result = prune_chain(lmap.ffn, tokens, self.config, language_model=True)
+            del tokens
             outcome.add_chain(lmap.ffn, result)
             ffn, solve_seconds = FFNRecord.from_chain(result), solve_seconds + result.seconds
         experts: list[ExpertRecord] = []
@@ -239,26 +245,27 @@ class _LayerPruner:
             calls.clear()
             for e, chain in enumerate(lmap.experts.chains):
                 rows, slot = torch.nonzero(index == e, as_tuple=True)
-                result, method = self._prune_expert(chain, hidden[rows], weights[rows, slot])
+                result, method, routed = self._prune_expert(chain, hidden[rows], weights[rows, slot])
                 outcome.add_chain(chain, result)
-                experts.append(ExpertRecord.from_chain(e, len(rows), method, result))
+                experts.append(ExpertRecord.from_chain(e, routed, method, result))
                 solve_seconds += result.seconds
         outcome.record = LayerRecord(index, outcome.linears, ffn, solve_seconds, experts)
         return outcome
 
-    def _prune_expert(self, chain: Chain, tokens: torch.Tensor, weights: torch.Tensor) -> tuple[ChainResult, str]:
+    def _prune_expert(self, chain: Chain, tokens: torch.Tensor, weights: torch.Tensor) -> tuple[ChainResult, str, int]:
         """One expert on the tokens routed to it, each weighted by its router weight; with fewer tokens
         than the expert's widest input the configured method falls back to the layer-wise solver
-        (no token: magnitude, which needs none)."""
+        (no token: magnitude, which needs none). Returns the result, the method used and the number of
+        routed tokens (over all ranks when token sharded)."""
         widest = max(lin.weight.shape[1] for lin in chain.linears)
-        method = self.config.method
-        if len(tokens) == 0:
+        method, routed = self.config.method, distributed.reduce_count(len(tokens))
+        if routed == 0:
             method = "magnitude"
             tokens, weights = torch.zeros(1, chain.linears[0].weight.shape[1], dtype=self.storage), torch.ones(1)
-        elif len(tokens) < widest and method == "sparsellm":
+        elif routed < widest and method == "sparsellm":
             method = self.config.solver
         config = self.config if method == self.config.method else replace(self.config, method=method, sparsellm=None)
-        return prune_chain(chain, tokens, config, language_model=True, token_weights=weights.float()), method
+        return prune_chain(chain, tokens, config, language_model=True, token_weights=weights.float()), method, routed
 
 
 @dataclass
@@ -282,7 +289,8 @@ class _LayerOutcome:
 
 
 def _fingerprint(windows: torch.Tensor) -> str:
-    return hashlib.sha256(windows.cpu().numpy().tobytes()).hexdigest()[:16]
+    """A digest of every rank's calibration windows in rank order: the same for any split of one set."""
+    return hashlib.sha256(b"".join(distributed.gather(windows.cpu().numpy().tobytes()))).hexdigest()[:16]
 
 
 def prune_decoder(
@@ -306,37 +314,52 @@ def prune_decoder(
       layers are processed (default the model's device); ``chunk_size``: tokens per chunk in the FFN solve.
     - ``checkpoint_dir``: save every pruned layer there; ``resume=True`` continues from its checkpoints
       and ends with the same weights as an uninterrupted run.
+
+    Under an initialised ``torch.distributed`` process group with several ranks the run is token
+    sharded (``core.distributed``): each rank passes its own share of the windows
+    (``calibration[distributed.share(n_windows)]``), the ranks must agree on every setting (else the
+    same one-line error on each), token sums are all-reduced, every rank ends with the same weights,
+    and rank 0 alone writes the checkpoints.
     """
+    with distributed.token_sharded():
+        return _prune_layers(model, calibration, config, checkpoint_dir, resume, progress)
+
+
+def _prune_layers(model: nn.Module, calibration: torch.Tensor, config: PruneConfig, checkpoint_dir: str | Path | None,
+                  resume: bool, progress: bool) -> PruneResult:
     adapter = get_adapter(model)
     decoder = adapter.layers(model)
-    if calibration.dim() != 2 or calibration.numel() == 0 or calibration.dtype != torch.long:
+    if calibration.dim() != 2 or calibration.dtype != torch.long or distributed.reduce_count(calibration.numel()) == 0:
         raise ValueError(f"calibration must be a non-empty n_windows x seq_len tensor of token ids, got "
                          f"{tuple(calibration.shape)} {calibration.dtype}")
     check_seq_len(model, calibration.shape[1])
     chosen = check_prunable(model, config.pattern, config.layers)
-    widest = max(lin.weight.shape[1] for lin in adapter.layer_map(model, chosen[0]).linears)
-    if config.method == "sparsellm" and calibration.numel() < 2 * widest:
-        warnings.warn(f"{calibration.numel()} calibration tokens for linears with {widest} inputs: sparsellm can over-fit "
-                      "so few tokens (its calibration error falls while perplexity rises); use at least "
-                      f"{2 * widest} tokens", stacklevel=2)
-    started = time.perf_counter()
     model_dtype = next(model.parameters()).dtype
     storage = getattr(torch, config.storage_dtype) if config.storage_dtype else model_dtype
+    settings = {"model": getattr(model.config, "_name_or_path", ""), "model_type": model.config.model_type,
+                **config.to_dict(), "layers": chosen, "device": None, "batch_size": None,
+                "calibration": _fingerprint(calibration), "storage_dtype": str(storage)}
+    distributed.agree({**settings, "calibration": None, "seq_len": calibration.shape[1], "resume": resume,
+                       "checkpoint_dir": None if checkpoint_dir is None else str(Path(checkpoint_dir).absolute())})
+    widest = max(lin.weight.shape[1] for lin in adapter.layer_map(model, chosen[0]).linears)
+    tokens = distributed.reduce_count(calibration.numel())
+    if config.method == "sparsellm" and tokens < 2 * widest and distributed.is_main():
+        warnings.warn(f"{tokens} calibration tokens for linears with {widest} inputs: sparsellm can over-fit "
+                      "so few tokens (its calibration error falls while perplexity rises); use at least "
+                      f"{2 * widest} tokens", stacklevel=3)
+    started = time.perf_counter()
     device = torch.device(config.device) if config.device is not None else next(model.parameters()).device
     checkpoints = None
     done: set[int] = set()
     if checkpoint_dir is not None:
-        settings = {"model": getattr(model.config, "_name_or_path", ""), "model_type": model.config.model_type,
-                    **config.to_dict(), "layers": chosen, "device": None, "batch_size": None,
-                    "calibration": _fingerprint(calibration), "storage_dtype": str(storage)}
         checkpoints = LayerCheckpoints(checkpoint_dir, settings)
-        done = set(checkpoints.open(resume))
+        done = set(distributed.on_main(lambda: checkpoints.open(resume)))
     pruner = _LayerPruner(config, storage, model_dtype)
     with torch.no_grad():
         with pruner.forward_pass():
             inputs = _capture_first_inputs(model, decoder[0], calibration, config.batch_size, storage, device)
         result = PruneResult([], {})
-        bar = tqdm(range(chosen[-1] + 1), desc="layers", unit="layer", disable=not progress)
+        bar = tqdm(range(chosen[-1] + 1), desc="layers", unit="layer", disable=not (progress and distributed.is_main()))
         for index in bar:
             layer = decoder[index]
             home = next(layer.parameters()).device
@@ -347,9 +370,13 @@ def prune_decoder(
                     outcome = _restore(lmap, checkpoints.load(index), config)
                 else:
                     outcome = pruner.prune(index, layer, lmap, inputs)
+                    if not distributed.check_identical([p.data for p in layer.parameters()]):
+                        warnings.warn(f"layer {index}: the ranks' pruned weights differed; continuing with rank 0's",
+                                      stacklevel=2)
                     if checkpoints is not None:
-                        checkpoints.save(index, {lin.name: lin.weight for lin in lmap.linears}, outcome.masks,
-                                         outcome.record.to_dict(), outcome.grids)
+                        distributed.on_main(lambda: checkpoints.save(
+                            index, {lin.name: lin.weight for lin in lmap.linears}, outcome.masks,
+                            outcome.record.to_dict(), outcome.grids))
                     result.solve_seconds += outcome.record.solve_seconds
                 result.layers.append(outcome.record)
                 result.masks.update(outcome.masks)

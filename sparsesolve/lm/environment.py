@@ -6,11 +6,12 @@ import os
 import platform
 import resource
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["environment", "peak_memory_mb"]
+__all__ = ["environment", "peak_memory_mb", "resident_memory_mb", "stage_peak"]
 
 
 def environment() -> dict[str, Any]:
@@ -36,3 +37,38 @@ def peak_memory_mb() -> float:
     """Peak resident memory of this process so far, in MiB (``ru_maxrss``: KiB on Linux, bytes on macOS)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def resident_memory_mb() -> float:
+    """Resident memory of this process now, in MiB (``/proc/self/statm``; the peak where that is missing)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return peak_memory_mb()
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _high_water_mb() -> float | None:
+    """``VmHWM`` of ``/proc/self/status`` in MiB (resettable, unlike ``ru_maxrss``), None where missing."""
+    try:
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return None
+    return int(line.split()[1]) / 1024
+
+
+class stage_peak:  # noqa: N801 - used as a context manager, like contextlib's
+    """Peak resident memory of one stage: ``with stage_peak() as s: ...`` then ``s.before_mb`` (resident
+    memory at the start) and ``s.peak_mb`` (the highest during the stage; on Linux the high-water mark
+    is reset at the start through ``/proc/self/clear_refs``, elsewhere it is the process's peak)."""
+
+    def __enter__(self) -> stage_peak:
+        self.before_mb = resident_memory_mb()
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            pass
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.peak_mb = _high_water_mb() or peak_memory_mb()

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from sparsesolve.core import distributed
 from sparsesolve.lm.data import corpus_tokens, eval_windows
 from sparsesolve.lm.models import check_seq_len
 
@@ -40,7 +41,8 @@ def perplexity(
     ``split``, or a 1-D tensor of token ids) over the first ``max_windows`` windows of ``seq_len``.
 
     A corpus name needs ``tokenizer``. Returns ``inf`` when the mean loss overflows; raises if the
-    model produces non-finite logits (a NaN never comes back as a number).
+    model produces non-finite logits (a NaN never comes back as a number). Token sharded
+    (``distributed.token_sharded``), each rank scores its share of the windows and the sums are all-reduced.
     """
     check_seq_len(model, seq_len)
     if isinstance(corpus, str):
@@ -50,11 +52,13 @@ def perplexity(
     else:
         tokens = corpus.reshape(-1)
     windows = eval_windows(tokens, seq_len, max_windows)
+    windows = windows[distributed.share(windows.shape[0])] if distributed.sharded() else windows
     device = _model_device(model)
     total, count = 0.0, 0
     batches = range(0, windows.shape[0], batch_size)
     with torch.inference_mode():
-        for start in tqdm(batches, desc="perplexity", unit="batch", disable=not progress, leave=False):
+        for start in tqdm(batches, desc="perplexity", unit="batch", disable=not (progress and distributed.is_main()),
+                          leave=False):
             ids = windows[start : start + batch_size].to(device)
             logits = model(input_ids=ids, use_cache=False).logits
             for row, window in zip(logits, ids):     # one window at a time bounds the float32 copies
@@ -64,5 +68,5 @@ def perplexity(
                 total += float(F.cross_entropy(row[:-1], window[1:], reduction="sum").double())
                 count += window.numel() - 1
             del logits
-    mean = total / count
+    mean = distributed.reduce_float(total) / distributed.reduce_count(count)
     return math.exp(mean) if mean < 700 else math.inf

@@ -1,0 +1,79 @@
+"""How much memory ``prune_decoder`` needs per rank: a model of the arrays it holds.
+
+Notation: ``N`` calibration tokens over ``K`` ranks (``n = ceil(N / K)`` per rank), model width ``d``,
+FFN width ``f`` with ``g`` input branches (2 for a gated FFN: gate and up; 1 otherwise), ``s`` bytes
+per stored activation (the storage dtype), ``c = 4`` bytes per computed value (float32 solves),
+``C`` tokens per chunk (``chunk_size``), ``P`` parameters of one decoder layer stored in ``b`` bytes.
+
+The layer being pruned (on the device with ``device=``; the rest of the model stays where it was
+loaded) holds, at the peak, which is the FFN step:
+
+- ``hidden``: the decoder layer's inputs, ``n d s``; ``ffn_inputs``: the FFN's inputs, ``n d s``.
+- ``workspace``: sparsellm ``(g + 2) n f s`` (``g`` pre-activations, the activation, the sequential pass's
+  activation) plus ``3 n d c`` (dense target, the start's and the iterate's outputs); a layer-wise method
+  ``n f s + 2 n d c``.
+- ``chunks``: per-chunk temporaries of the elementwise updates, ``8 C f c`` (sparsellm) or ``3 C f c``.
+- ``statistics``: the Grams and the solver's factors of the widest linear, ``3 f^2 c + 3 d f c``.
+- ``layer``: the layer's weights, ``P b``.
+
+Everything but ``statistics``, ``chunks`` and ``layer`` divides by ``K`` under token sharding. The
+model itself (host memory, one copy per rank process) is reported as ``model``, outside ``total``.
+``benchmarks/bench_distributed.py`` checks the model against measured resident memory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from sparsesolve.core.config import DEFAULT_CHUNK
+
+__all__ = ["pruning_memory", "pruning_memory_of"]
+
+_COMPUTE = 4
+
+
+def pruning_memory(*, tokens: int, d_model: int, d_ff: int, layer_params: int, model_params: int, ranks: int = 1,
+                   storage_bytes: int = 2, param_bytes: int = 2, gated: bool = True, method: str = "sparsellm",
+                   chunk_size: int | None = DEFAULT_CHUNK) -> dict[str, float]:
+    """Bytes per rank by term (module docstring) and their ``total``; ``model`` is the whole model's
+    parameters in ``param_bytes`` (held once per rank process, not in ``total``)."""
+    n, d, f, s, c = math.ceil(tokens / ranks), d_model, d_ff, storage_bytes, _COMPUTE
+    g = 2 if gated else 1
+    chunk = min(n, chunk_size or n)
+    coordinated = method == "sparsellm"
+    terms = {
+        "hidden": n * d * s,
+        "ffn_inputs": n * d * s,
+        "workspace": (g + 2) * n * f * s + 3 * n * d * c if coordinated else n * f * s + 2 * n * d * c,
+        "chunks": (8 if coordinated else 3) * chunk * f * c,
+        "statistics": 3 * f * f * c + 3 * d * f * c,
+        "layer": layer_params * param_bytes,
+    }
+    return {**{k: float(v) for k, v in terms.items()}, "total": float(sum(terms.values())),
+            "model": float(model_params * param_bytes)}
+
+
+def pruning_memory_of(folder: str | Path, *, tokens: int, ranks: int = 1, method: str = "sparsellm",
+                      storage_bytes: int | None = None) -> dict[str, float]:
+    """``pruning_memory`` for the model in ``folder`` (its ``config.json``; parameters counted from its
+    safetensors), stored in its own dtype unless ``storage_bytes`` is given."""
+    from safetensors import safe_open
+
+    config = json.loads((Path(folder) / "config.json").read_text())
+    text = config.get("text_config", config)
+    sizes: dict[str, int] = {}
+    dtype_bytes = 4
+    for path in Path(folder).glob("*.safetensors"):
+        with safe_open(str(path), framework="pt") as tensors:
+            for key in tensors.keys():
+                piece = tensors.get_slice(key)
+                sizes[key] = math.prod(piece.get_shape())
+                dtype_bytes = {"F32": 4, "F16": 2, "BF16": 2}.get(piece.get_dtype(), dtype_bytes)
+    layer_params = sum(v for k, v in sizes.items() if ".layers.0." in k)
+    d_ff = text.get("intermediate_size") or text.get("ffn_dim") or text.get("n_inner") or 4 * text["hidden_size"]
+    gated = any("gate_proj" in key for key in sizes)
+    return pruning_memory(tokens=tokens, d_model=text["hidden_size"], d_ff=d_ff, layer_params=layer_params,
+                          model_params=sum(sizes.values()), ranks=ranks, storage_bytes=storage_bytes or dtype_bytes,
+                          param_bytes=dtype_bytes, gated=gated, method=method)
