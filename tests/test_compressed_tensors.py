@@ -15,13 +15,13 @@ from safetensors.torch import load_file
 from tiny_lm import save_tiny, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
+from sparsesolve import prune
 from sparsesolve.cli import main
-from sparsesolve.config import CalibrationConfig, EvaluationConfig, RunConfig
-from sparsesolve.core.config import PruneConfig
 from sparsesolve.core.quantize import GroupQuantizer
 from sparsesolve.deploy.compressed_tensors import export_compressed_tensors, pack_int32
 from sparsesolve.lm.corpora import load_text
-from sparsesolve.pipeline import run_prune
+from sparsesolve.lm.models import load_model
+from sparsesolve.lm.output import OutputFolder
 
 
 @settings(max_examples=40, deadline=None)
@@ -43,12 +43,16 @@ def tokenizer():
     return tiny_tokenizer(load_text("wiki", "train")[:50_000])
 
 
-def _pruned(folder: Path, family: str, tokenizer, pattern: str, bits: int | None) -> Path:
-    tiny = save_tiny(folder / f"tiny-{family}", family, tokenizer)
-    quantizer = GroupQuantizer(bits, 32) if bits else None
-    run = RunConfig(str(tiny), PruneConfig(pattern, method="sparsegpt", quantizer=quantizer), CalibrationConfig("ptb", 4, 64),
-                    EvaluationConfig((), seq_len=64), out=str(folder / "pruned"))
-    run_prune(run, progress=False)
+def _pruned(folder: Path, family: str, vocabulary, pattern: str, bits: int | None) -> Path:
+    """A tiny model pruned by sparsegpt (jointly quantised with ``bits``) on random windows, saved as
+    ``sparsesolve prune`` saves it (no corpus to tokenise: a few seconds)."""
+    model, tokenizer = load_model(str(save_tiny(folder / f"tiny-{family}", family, vocabulary)))
+    windows = torch.randint(0, 500, (4, 64), generator=torch.Generator().manual_seed(1))
+    options = {"solver_options": {"quantizer": GroupQuantizer(bits, 32)}} if bits else {}
+    result = prune(model, windows, method="sparsegpt", pattern=pattern, progress=False, **options)
+    out = OutputFolder(folder / "pruned")
+    out.begin()
+    out.commit(model, tokenizer, result.masks, {"pattern": "2:4" if pattern == "2:4" else "70%"}, result.grids)
     return folder / "pruned"
 
 

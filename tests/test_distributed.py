@@ -63,9 +63,10 @@ def _prune(task: str, windows: torch.Tensor, config: PruneConfig | None = None) 
         "routed": torch.tensor(routed, dtype=torch.float64)}
 
 
-def _worker(rank: int, port: int, out: Path, task: str) -> None:
-    with gloo_rank(rank, port):
-        _run_task(rank, out, task)
+def _worker(rank: int, port: int, out: Path) -> None:
+    with gloo_rank(rank, port):              # one process group for every task: the start-up is paid once
+        for task in (*CONFIGS, "chain", "disagree"):
+            _run_task(rank, out, task)
 
 
 def _prune_chain(take: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -92,9 +93,16 @@ def _run_task(rank: int, out: Path, task: str) -> None:
     torch.save(_prune(task, windows), out / f"{task}{rank}.pt")
 
 
-def _two_ranks(tmp_path: Path, task: str) -> tuple[object, object]:
-    spawn(_worker, tmp_path, task)
-    return torch.load(tmp_path / f"{task}0.pt"), torch.load(tmp_path / f"{task}1.pt")
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The folder where two gloo ranks saved every task's result (``TASKr.pt``)."""
+    out = tmp_path_factory.mktemp("two_ranks")
+    spawn(_worker, out)
+    return out
+
+
+def _results(folder: Path, task: str) -> tuple[object, object]:
+    return torch.load(folder / f"{task}0.pt"), torch.load(folder / f"{task}1.pt")
 
 
 def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -102,10 +110,10 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("task", sorted(CONFIGS))
-def test_two_ranks_with_uneven_shares_match_one_process(task: str, tmp_path: Path) -> None:
+def test_two_ranks_with_uneven_shares_match_one_process(task: str, two_ranks: Path) -> None:
     """sparsegpt and sparsellm on a tiny Llama; sparsellm on a tiny Mixtral (experts on their routed tokens,
     a different number on each rank, some with fewer than their width: the fallback decided on all ranks' counts)."""
-    first, second = _two_ranks(tmp_path, task)
+    first, second = _results(two_ranks, task)
     single = _prune(task, _windows(task))
     assert first.keys() == single.keys()
     for name, value in single.items():
@@ -116,15 +124,15 @@ def test_two_ranks_with_uneven_shares_match_one_process(task: str, tmp_path: Pat
             assert _relative(first[name], value) <= 1e-10, (name, _relative(first[name], value))
 
 
-def test_a_chain_pruned_by_two_ranks_matches_one_process(tmp_path: Path) -> None:
-    first, second = _two_ranks(tmp_path, "chain")
+def test_a_chain_pruned_by_two_ranks_matches_one_process(two_ranks: Path) -> None:
+    first, second = _results(two_ranks, "chain")
     for name, value in _prune_chain(lambda x: x).items():
         assert torch.equal(first[name], second[name])
         assert torch.equal(first[name] == 0, value == 0) and _relative(first[name], value) <= 1e-10, name
 
 
-def test_ranks_that_disagree_on_settings_each_get_one_clear_error(tmp_path: Path) -> None:
-    errors = _two_ranks(tmp_path, "disagree")
+def test_ranks_that_disagree_on_settings_each_get_one_clear_error(two_ranks: Path) -> None:
+    errors = _results(two_ranks, "disagree")
     for error in errors:
         assert "ranks disagree on settings" in error and "pattern" in error and "'2:4'" in error, error
         assert "\n" not in error
@@ -164,7 +172,7 @@ def _descendants(pid: int) -> list[int]:
 
 def test_a_run_killed_under_torchrun_resumes_to_the_same_weights(tiny_folder: Path, tmp_path: Path) -> None:
     common = ["prune", "--model", str(tiny_folder), "--nsamples", "8", "--seq-len", "64", "--calib", "ptb", "--quiet",
-              "--method", "sparsellm", "--sparsity", "0.7", "--iterations", "6", "--data", "ptb", "--eval-windows", "3"]
+              "--method", "sparsellm", "--sparsity", "0.7", "--iterations", "3", "--data", "ptb", "--eval-windows", "2"]
     straight = _torchrun(*common, "--out", str(tmp_path / "straight"))
     victim = _torchrun(*common, "--out", str(tmp_path / "killed"))
     checkpoints = tmp_path / "killed.partial" / "checkpoints"
