@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["token_sharded", "sharded", "rank", "world_size", "is_main", "share", "reduce", "reduce_float",
-           "reduce_count", "agree", "on_main", "barrier", "check_identical", "gather", "start_process_group"]
+           "reduce_count", "agree", "on_main", "check_identical", "gather", "start_process_group"]
 
 _SHARDED: ContextVar[bool] = ContextVar("sparsesolve_token_sharded", default=False)
 T = TypeVar("T")
@@ -55,10 +55,10 @@ def sharded() -> bool:
 
 
 @contextmanager
-def token_sharded(enabled: bool = True) -> Iterator[None]:
+def token_sharded() -> Iterator[None]:
     """Within the block, every token sum of the core is all-reduced over the default process group;
     each rank passes its own share of the calibration tokens (``share``)."""
-    token = _SHARDED.set(enabled)
+    token = _SHARDED.set(True)
     try:
         yield
     finally:
@@ -138,12 +138,6 @@ def on_main(fn: Callable[[], T]) -> T:
             raise value
         raise type(value)(*value.args) if isinstance(value, ValueError) else RuntimeError(f"rank 0 failed: {value}")
     return value
-
-
-def barrier() -> None:
-    """Wait for every rank (no-op when not sharded)."""
-    if sharded():
-        dist.barrier()
 
 
 def check_identical(tensors: Sequence[torch.Tensor]) -> bool:

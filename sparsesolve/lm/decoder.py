@@ -329,7 +329,8 @@ def _prune_layers(model: nn.Module, calibration: torch.Tensor, config: PruneConf
                   resume: bool, progress: bool) -> PruneResult:
     adapter = get_adapter(model)
     decoder = adapter.layers(model)
-    if calibration.dim() != 2 or calibration.dtype != torch.long or distributed.reduce_count(calibration.numel()) == 0:
+    tokens = distributed.reduce_count(calibration.numel())     # every rank joins, even one with bad input
+    if calibration.dim() != 2 or calibration.dtype != torch.long or tokens == 0:
         raise ValueError(f"calibration must be a non-empty n_windows x seq_len tensor of token ids, got "
                          f"{tuple(calibration.shape)} {calibration.dtype}")
     check_seq_len(model, calibration.shape[1])
@@ -342,7 +343,6 @@ def _prune_layers(model: nn.Module, calibration: torch.Tensor, config: PruneConf
     distributed.agree({**settings, "calibration": None, "seq_len": calibration.shape[1], "resume": resume,
                        "checkpoint_dir": None if checkpoint_dir is None else str(Path(checkpoint_dir).absolute())})
     widest = max(lin.weight.shape[1] for lin in adapter.layer_map(model, chosen[0]).linears)
-    tokens = distributed.reduce_count(calibration.numel())
     if config.method == "sparsellm" and tokens < 2 * widest and distributed.is_main():
         warnings.warn(f"{tokens} calibration tokens for linears with {widest} inputs: sparsellm can over-fit "
                       "so few tokens (its calibration error falls while perplexity rises); use at least "

@@ -41,6 +41,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from sparsesolve.core import distributed
 from sparsesolve.lm.data import corpus_tokens
 from sparsesolve.lm.environment import environment
 from sparsesolve.lm.evaluate import perplexity
@@ -59,10 +60,6 @@ def train_batch(tokens: torch.Tensor, step: int, batch_size: int, seq_len: int, 
     generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
     starts = torch.randint(0, tokens.numel() - seq_len - 1, (batch_size,), generator=generator)
     return torch.stack([tokens[s : s + seq_len + 1] for s in starts.tolist()])
-
-
-def _rank() -> tuple[int, int]:
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
 
 
 def _loss(student: PreTrainedModel, teacher: PreTrainedModel | None, window: torch.Tensor,
@@ -103,7 +100,7 @@ def retrain(student: PreTrainedModel, teacher: PreTrainedModel, tokenizer: PreTr
             overwrite: bool = False, progress: bool = True, start: dict[str, Any] | None = None) -> dict[str, Any]:
     """Retrain ``student`` (its decoder linears wrapped as ``layers``, ``start.sparse_student``) towards
     ``teacher`` and save it to ``out`` (module docstring). Returns the report (config, log, timings)."""
-    rank, world = _rank()
+    rank, world = distributed.rank(), distributed.world_size()
     config.check(world)
     folder = OutputFolder(out, overwrite=overwrite, resume=resume)
     if rank == 0:
