@@ -33,7 +33,8 @@ def _cell(run: dict | None, corpora: tuple[str, ...]) -> str:
         return "-"
     if run["perplexity"] is None:
         return "nan"
-    return " / ".join(f"{run['perplexity'][c]:.1f}" for c in corpora)
+    values = [run["perplexity"].get(c) for c in corpora]         # a run older than a corpus: "-"
+    return " / ".join("-" if v is None else f"{v:.1f}" for v in values)
 
 
 def table(profile: str, scope: str, folder: Path = PPL) -> str:

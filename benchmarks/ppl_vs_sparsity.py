@@ -43,56 +43,75 @@ class Profile:
     nsamples: int
     seq_len: int
     eval_windows: int | None
-    corpora: tuple[str, ...] = ("wiki", "ptb")
+    corpora: tuple[str, ...] = ("wiki", "ptb", "code")
     calib: str = "wiki"
+    eval_seq_len: int | None = None     # test windows of another length than the calibration's
+
+    @property
+    def test_seq_len(self) -> int:
+        """Tokens per test window."""
+        return self.eval_seq_len or self.seq_len
 
 
 PROFILES = {
     "p1": Profile(64, 512, 64),
     "paper": Profile(128, 2048, None),
     "smoke": Profile(8, 128, 2),
+    # few calibration tokens (16 x 256), scored like P1 (64 test windows of 512)
+    "small": Profile(16, 256, 64, eval_seq_len=512),
 }
 
 
-def run_name(profile: str, scope: str, method: str, pattern: str, tag: str = "") -> str:
-    """File stem of one run, e.g. ``p1_full_sparsegpt_2-4`` (``_TAG`` appended for a study run)."""
-    return f"{profile}_{scope}_{method}_{pattern.replace(':', '-').replace('%', '')}" + (f"_{tag}" if tag else "")
+def run_name(profile: str, scope: str, method: str, pattern: str, tag: str = "", allocation: str = "uniform") -> str:
+    """File stem of one run, e.g. ``p1_full_sparsegpt_2-4``; ``_ALLOCATION`` appended unless uniform, then
+    ``_TAG`` for a study run (``p1_full_sparsellm_0.7_owl``)."""
+    stem = f"{profile}_{scope}_{method}_{pattern.replace(':', '-').replace('%', '')}"
+    return stem + (f"_{allocation}" if allocation != "uniform" else "") + (f"_{tag}" if tag else "")
 
 
 def _perplexities(model: Any, tokenizer: Any, profile: Profile) -> dict[str, float]:
     from sparsesolve.lm.data import corpus_tokens
     from sparsesolve.lm.evaluate import perplexity
 
-    return {c: perplexity(model, corpus_tokens(tokenizer, c, "test"), profile.seq_len, profile.eval_windows, progress=False)
+    return {c: perplexity(model, corpus_tokens(tokenizer, c, "test"), profile.test_seq_len, profile.eval_windows,
+                          progress=False)
             for c in profile.corpora}
 
 
 def dense(model_name: str, profile_name: str, out: Path) -> dict[str, Any]:
-    """Dense perplexities of ``model_name`` under a profile (measured once, then read from JSON)."""
+    """Dense perplexities of ``model_name`` under a profile (measured once, then read from JSON; a corpus
+    added to the profile since is measured and added)."""
     from sparsesolve.lm.models import load_model
 
     path = out / f"{profile_name}_dense.json"
-    if path.exists():
-        return json.loads(path.read_text())
+    record = json.loads(path.read_text()) if path.exists() else {"model": model_name, "perplexity": {}}
+    profile = PROFILES[profile_name]
+    missing = [c for c in profile.corpora if c not in record["perplexity"]]
+    if not missing:
+        return record
     model, tokenizer = load_model(model_name)
-    record = {"meta": metadata("benchmarks.ppl_vs_sparsity", 0), "model": model_name,
-              "perplexity": _perplexities(model, tokenizer, PROFILES[profile_name])}
+    measured = _perplexities(model, tokenizer, Profile(profile.nsamples, profile.seq_len, profile.eval_windows,
+                                                       tuple(missing), eval_seq_len=profile.eval_seq_len))
+    record = {**record, "meta": metadata("benchmarks.ppl_vs_sparsity", 0),
+              "perplexity": {**record["perplexity"], **measured}}
     write_json(path.stem, record, out)
     return record
 
 
 def one(model_name: str, profile_name: str, scope: str, method: str, pattern: str, out: Path,
-        overrides: dict[str, Any], tag: str) -> None:
+        overrides: dict[str, Any], tag: str, allocation: str = "uniform") -> None:
     """Prune, evaluate and record one run (executed in its own process)."""
     from sparsesolve.config import CalibrationConfig, EvaluationConfig, RunConfig
     from sparsesolve.core.config import PruneConfig, SparseLLMConfig
+    from sparsesolve.lm.corpora import code_source
     from sparsesolve.lm.environment import peak_memory_mb
     from sparsesolve.pipeline import run_prune
 
     profile = PROFILES[profile_name]
     meta = metadata("benchmarks.ppl_vs_sparsity", 0)  # the commit and load when the run starts
     coordinator = SparseLLMConfig.for_language_models(**overrides) if method == "sparsellm" else None
-    config = PruneConfig(pattern, method=method, sparsellm=coordinator, layers="first-half" if scope == "first-half" else None)
+    config = PruneConfig(pattern, method=method, sparsellm=coordinator, layers="first-half" if scope == "first-half" else None,
+                         allocation=allocation)
     run = RunConfig(model_name, config, CalibrationConfig(profile.calib, profile.nsamples, profile.seq_len, seed=0),
                     EvaluationConfig(corpora=(), seq_len=profile.seq_len))  # evaluated below, non-finite recorded
     done = run_prune(run, progress=False)
@@ -109,10 +128,11 @@ def one(model_name: str, profile_name: str, scope: str, method: str, pattern: st
     for record in result.layers:
         masks = [result.masks[name] for name in record.linears]
         layer_sparsity[str(record.layer)] = sum(int((~m).sum()) for m in masks) / sum(m.numel() for m in masks)
-    write_json(run_name(profile_name, scope, method, pattern, tag), {
+    write_json(run_name(profile_name, scope, method, pattern, tag, allocation), {
         "meta": meta, "model": model_name, "profile": profile_name, "scope": scope, "method": method,
         "pattern": pattern, "calibration": vars(profile) | {"seed": 0},
-        "sparsellm_options": options, "tag": tag,
+        "sparsellm_options": options, "tag": tag, "allocation": allocation,
+        "heldout_fraction": (options or {}).get("heldout_fraction", 0.0), "code_corpus": code_source(),
         "perplexity": ppl, "nonfinite": nonfinite, "sparsity": result.sparsity, "layer_sparsity": layer_sparsity,
         "escalations": result.escalations,
         "seconds": {"prune": prune_seconds, "forward": result.forward_seconds, "solve": result.solve_seconds},
@@ -132,6 +152,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=PPL, help="results folder (default benchmarks/results/ppl)")
     parser.add_argument("--sparsellm-options", default="", help="study overrides, e.g. alpha=1,iterations=2 (needs --tag)")
     parser.add_argument("--tag", default="", help="suffix of the run files of a study run")
+    parser.add_argument("--allocation", default="uniform", choices=["uniform", "owl", "obs"],
+                        help="layer-wise sparsity allocation of unstructured patterns (file stem suffix unless uniform)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="runs at a time, each its own process (set OMP_NUM_THREADS so jobs x threads <= cores)")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
@@ -141,11 +163,11 @@ def main() -> None:
     if overrides and not args.tag:
         parser.error("--sparsellm-options changes the method: give the runs a --tag so they stay out of the main table")
     if args.one:
-        one(args.model, args.profile, args.scope, methods[0], patterns[0], args.out, overrides, args.tag)
+        one(args.model, args.profile, args.scope, methods[0], patterns[0], args.out, overrides, args.tag, args.allocation)
         return
     dense(args.model, args.profile, args.out)
     todo = [(m, p) for m in methods for p in patterns
-            if not (args.out / f"{run_name(args.profile, args.scope, m, p, args.tag)}.json").exists()]
+            if not (args.out / f"{run_name(args.profile, args.scope, m, p, args.tag, args.allocation)}.json").exists()]
     print(f"{len(methods) * len(patterns) - len(todo)} runs done, {len(todo)} to go", flush=True)
     with ThreadPoolExecutor(max(1, args.jobs)) as pool, tqdm(total=len(todo), desc="runs", unit="run") as bar:
         futures = [pool.submit(_run, args, method, pattern) for method, pattern in todo]
@@ -159,7 +181,7 @@ def _run(args: argparse.Namespace, method: str, pattern: str) -> str:
     """One run in its own process; an error line if it failed, else ``""``."""
     command = [sys.executable, "-m", "benchmarks.ppl_vs_sparsity", "--one", "--model", args.model, "--profile",
                args.profile, "--scope", args.scope, "--methods", method, "--patterns", pattern, "--out", str(args.out),
-               "--sparsellm-options", args.sparsellm_options, "--tag", args.tag]
+               "--sparsellm-options", args.sparsellm_options, "--tag", args.tag, "--allocation", args.allocation]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode == 0:
         return ""

@@ -10,6 +10,8 @@
   calibration set and on held-out wiki and PTB text: whether the coordinator's gain carries over.
 - ``layer_table``: the FFN error of every decoder layer in the sparsellm runs, its sparsegpt start
   (on the same inputs) -> the coordinator's result: which layers gain and which do not.
+- ``allocation_table``: the P1 runs with a layer-wise sparsity allocation (``--allocation``) against the
+  uniform run of the same method and pattern, on every test corpus the runs share.
 """
 
 from __future__ import annotations
@@ -80,6 +82,7 @@ def _runs(profile: str, scope: str, method: str, folder: Path) -> dict[str, dict
 def goals_table(profile: str = "p1", scope: str = "full", folder: Path = PPL) -> str:
     """sparsellm vs sparsegpt per pattern: wiki / PTB perplexity, change, prune seconds and their ratio."""
     ours, theirs = _runs(profile, scope, "sparsellm", folder), _runs(profile, scope, "sparsegpt", folder)
+    ours = {k: r for k, r in ours.items() if r.get("allocation", "uniform") == "uniform"}   # allocation_table's
     if not ours:
         raise FileNotFoundError(f"no {profile} {scope} sparsellm runs")
     lines = ["| pattern (run) | sparsegpt wiki / PTB | sparsellm wiki / PTB | change wiki / PTB | prune s: sparsegpt / sparsellm (ratio) |",
@@ -89,7 +92,7 @@ def goals_table(profile: str = "p1", scope: str = "full", folder: Path = PPL) ->
         run, ref = ours[key], theirs.get(key.split("_")[0])
         if ref is None or run["perplexity"] is None or ref["perplexity"] is None:
             continue
-        corpora = list(ref["perplexity"])
+        corpora = [c for c in ref["perplexity"] if c in run["perplexity"]]
         ppl = lambda r: " / ".join(f"{r['perplexity'][c]:.1f}" for c in corpora)  # noqa: E731
         change = " / ".join(f"{run['perplexity'][c] / ref['perplexity'][c] - 1:+.0%}" for c in corpora)
         a, b = ref["seconds"]["prune"], run["seconds"]["prune"]
@@ -116,3 +119,35 @@ def layer_table(profile: str = "p1", scope: str = "full", folder: Path = PPL) ->
             cells.append("" if ffn is None else f"{ffn['start_relative_error']:.3f} -> {ffn['relative_error']:.3f}")
         lines.append(f"| {layer} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def allocation_table(profile: str = "p1", scope: str = "full", folder: Path = PPL) -> str:
+    """Per method and unstructured pattern with an allocation run: perplexity per corpus under each
+    allocation, and the change against uniform (the sparsities' spread in brackets)."""
+    lines = ["| method | pattern | allocation | layer sparsity min-max | perplexity (" "{corpora}) | change vs uniform |",
+             "|---|---|---|---|---:|---:|"]
+    rows, shared = [], None
+    for method in ("sparsegpt", "sparsellm"):
+        runs = _runs(profile, scope, method, folder)
+        for pattern in PATTERNS:
+            key = run_name("", "", "", pattern).strip("_")
+            base = runs.get(key)
+            variants = [(name, runs[f"{key}_{name}"]) for name in ("owl", "obs") if f"{key}_{name}" in runs]
+            if base is None or not variants or base["perplexity"] is None:
+                continue
+            for name, run in [("uniform", base), *variants]:
+                if run["perplexity"] is None:
+                    continue
+                corpora = [c for c in base["perplexity"] if c in run["perplexity"]]
+                shared = corpora if shared is None else [c for c in shared if c in corpora]
+                rows.append((method, pattern, name, run, base, corpora))
+    if not rows:
+        raise FileNotFoundError(f"no {profile} {scope} runs with an allocation")
+    out = [lines[0].replace("{corpora}", " / ".join(shared)), lines[1]]
+    for method, pattern, name, run, base, _ in rows:
+        spread = run["layer_sparsity"].values()
+        ppl = " / ".join(f"{run['perplexity'][c]:.1f}" for c in shared)
+        change = "-" if name == "uniform" else " / ".join(
+            f"{run['perplexity'][c] / base['perplexity'][c] - 1:+.0%}" for c in shared)
+        out.append(f"| {method} | {pattern} | {name} | {min(spread):.3f}-{max(spread):.3f} | {ppl} | {change} |")
+    return "\n".join(out) + "\n"

@@ -90,6 +90,9 @@ def prune(
                              progress=True if progress is None else progress)
     if checkpoint_dir is not None:
         raise ValueError("checkpoint_dir applies to language models (layer-by-layer runs) only")
+    if config.allocation != "uniform":
+        raise ValueError(f"allocation {config.allocation!r} spreads sparsity over decoder layers; a chain is pruned "
+                         "at one sparsity (leave allocation='uniform')")
     chain = Chain.from_module(model)
     width = chain.linears[0].weight.shape[1]
     if calibration.dim() != 2 or calibration.shape[1] != width:

@@ -34,6 +34,11 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+#: the PruneConfig fields that are flags of their own (the pattern, solver options and quantiser are built below)
+PRUNE_FLAGS = ("method", "solver", "layers", "storage_dtype", "device", "batch_size", "chunk_size", "allocation",
+               "allocation_range")
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -54,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     target = prune.add_mutually_exclusive_group(required=True)
     target.add_argument("--sparsity", help="unstructured fraction of zeros per row, e.g. 0.7 or 70%%")
     target.add_argument("--pattern", help="'2:4', '4:8', '3:4' (N zeros in every M inputs) or '70%%'")
-    add_config_flags(prune, PruneConfig, ("method", "solver", "layers", "storage_dtype", "device", "batch_size", "chunk_size"),
+    add_config_flags(prune, PruneConfig, PRUNE_FLAGS,
                      shown_defaults={"layers": "all", "device": "cpu, where the model is loaded", "storage_dtype": "the model's"})
     prune.add_argument("--damp", type=float, default=None, help="relative damping of every solve (default 0.01)")
     prune.add_argument("--wbits", type=int, default=None,
@@ -126,7 +131,7 @@ def _prune_config(args: argparse.Namespace) -> PruneConfig:
                          f"pass --pattern {args.sparsity}")
     return PruneConfig(
         pattern=args.pattern if args.pattern is not None else args.sparsity,
-        **config_values(args, PruneConfig, ("method", "solver", "layers", "storage_dtype", "device", "batch_size", "chunk_size")),
+        **config_values(args, PruneConfig, PRUNE_FLAGS),
         solver_options={"damp": args.damp} if args.damp is not None else {},
         quantizer=None if args.wbits is None else GroupQuantizer(args.wbits, args.groupsize),
         sparsellm=SparseLLMConfig.for_language_models(**coordinator) if coordinator else None,

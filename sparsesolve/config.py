@@ -25,14 +25,22 @@ def _check_corpus(field: str, name: str) -> None:
 class CalibrationConfig:
     """The calibration windows: ``windows`` random windows of ``seq_len`` tokens of a corpus's train split."""
 
-    corpus: str = option("wiki", "calibration corpus", choices=tuple(CORPORA), flag="--calib")
+    corpus: str = option("wiki", f"calibration corpus ({', '.join(CORPORA)}), or several comma-separated: the "
+                                 "windows are then split evenly over their train splits", flag="--calib")
     windows: int = option(64, "calibration windows (64 x 512 tokens: protocol P1; the papers use 128 x 2048)",
                           flag="--nsamples")
     seq_len: int = option(512, "tokens per window (the papers use 2048)")
     seed: int = option(0, "seed of the window starts")
 
     def __post_init__(self) -> None:
-        _check_corpus("calib", self.corpus)
+        names = [c.strip() for c in self.corpus.split(",") if c.strip()]
+        if not names or len(set(names)) < len(names):
+            raise ValueError(f"calib: give one corpus or several distinct ones, comma-separated; got {self.corpus!r}")
+        for name in names:
+            _check_corpus("calib", name)
+        object.__setattr__(self, "corpus", ",".join(names))
+        if self.windows < len(names):
+            raise ValueError(f"--nsamples {self.windows} cannot give a window to each of {len(names)} corpora")
         if self.windows < 1:
             raise ValueError(f"--nsamples must be >= 1, got {self.windows}")
         if self.seq_len < 2:

@@ -29,7 +29,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from sparsesolve.config import EvaluationConfig, RunConfig
 from sparsesolve.core import distributed
 from sparsesolve.lm.bundled import BUNDLED
-from sparsesolve.lm.data import calibration_windows, corpus_tokens
+from sparsesolve.lm.data import corpus_tokens, mixed_calibration_windows
 from sparsesolve.lm.decoder import PruneResult, check_prunable, prune_decoder
 from sparsesolve.lm.environment import environment, peak_memory_mb, stage_peak
 from sparsesolve.lm.evaluate import perplexity
@@ -98,7 +98,8 @@ def _prune(run: RunConfig, *, progress: bool, command: str | None, say: Callable
     if calib.windows < ranks:
         raise ValueError(f"{calib.windows} calibration windows cannot be shared by {ranks} ranks; "
                          f"use --nsamples {ranks} or more, or fewer ranks")
-    windows = calibration_windows(corpus_tokens(tokenizer, calib.corpus, "train"), calib.windows, calib.seq_len, calib.seed)
+    windows = mixed_calibration_windows([corpus_tokens(tokenizer, name, "train") for name in calib.corpus.split(",")],
+                                        calib.windows, calib.seq_len, calib.seed)
     windows = windows[distributed.share(len(windows), ranks)]
     tests = {name: corpus_tokens(tokenizer, name, "test") for name in run.evaluation.corpora}
     resumed = distributed.on_main(out.begin) if out is not None else False
@@ -126,6 +127,7 @@ def _prune(run: RunConfig, *, progress: bool, command: str | None, say: Callable
         "quantization": run.prune.to_dict()["quantization"],
         "perplexity": {"dense": dense, "pruned": pruned},
         "sparsity": result.sparsity, "escalations": result.escalations, "resumed_layers": result.resumed_layers,
+        "allocation": {"kind": run.prune.allocation, "layer_sparsity": {str(k): v for k, v in result.allocation.items()}},
         "seconds": {"total": time.perf_counter() - started, "prune": result.seconds,
                     "forward": result.forward_seconds, "solve": result.solve_seconds, "evaluation": eval_seconds},
         "ranks": ranks, "peak_memory_mb": max(per_rank := distributed.gather(max(lifetime_peak, peak_memory_mb()))),

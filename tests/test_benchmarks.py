@@ -21,7 +21,8 @@ def test_runner_records_a_run_and_the_table_and_plot_read_it(tmp_path) -> None:
     run = json.loads((results / "smoke_full_sparsegpt_2-4.json").read_text())
     assert run["sparsity"] == 0.5 and set(run["layer_sparsity"].values()) == {0.5}
     assert run["nonfinite"] is False and run["escalations"] == 0
-    assert set(run["perplexity"]) == {"wiki", "ptb"} == set(dense["perplexity"])
+    assert set(run["perplexity"]) == {"wiki", "ptb", "code"} == set(dense["perplexity"])
+    assert run["allocation"] == "uniform" and run["heldout_fraction"] == 0.0 and run["code_corpus"].startswith("torch")
     assert run["seconds"]["prune"] >= run["seconds"]["solve"] > 0 and run["peak_memory_mb"]["prune"] > 0
     table = plot_ppl.table("smoke", "full", results)
     assert "| sparsegpt | - | - | - | - | - | " in table and f"{run['perplexity']['wiki']:.1f}" in table
@@ -33,6 +34,14 @@ def test_runner_records_a_run_and_the_table_and_plot_read_it(tmp_path) -> None:
     goals = study_tables.goals_table("smoke", "full", results)
     assert "| 2:4 (2-4_alpha1) |" in goals and f"{study['perplexity']['wiki']:.1f}" in goals
     assert study_tables.layer_table("smoke", "full", results).count("->") == 2  # two decoder layers, one run
+    # an allocation run: its own file, recorded layer sparsities averaging the target, and its table row
+    ppl_vs_sparsity.one(str(model), "smoke", "full", "sparsegpt", "0.6", results, {}, "", "owl")
+    ppl_vs_sparsity.one(str(model), "smoke", "full", "sparsegpt", "0.6", results, {}, "")
+    owl = json.loads((results / "smoke_full_sparsegpt_0.6_owl.json").read_text())
+    assert owl["allocation"] == "owl" and len(set(owl["layer_sparsity"].values())) == 2
+    assert abs(sum(owl["layer_sparsity"].values()) / 2 - 0.6) < 1 / 64      # rows of 64 inputs round their zeros
+    table = study_tables.allocation_table("smoke", "full", results)
+    assert "| sparsegpt | 0.6 | owl |" in table and "| sparsegpt | 0.6 | uniform |" in table
 
 
 def test_solver_benchmark_on_real_layers(tmp_path) -> None:

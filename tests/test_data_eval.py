@@ -7,10 +7,11 @@ import math
 
 import pytest
 import torch
-from tiny_lm import VOCAB, tiny_model
+from tiny_lm import VOCAB, tiny_model, tiny_tokenizer
 
-from sparsesolve.lm.corpora import CORPORA, load_text, wiki_documents
-from sparsesolve.lm.data import calibration_windows, eval_windows
+from sparsesolve.config import CalibrationConfig
+from sparsesolve.lm.corpora import CORPORA, code_source, load_text, wiki_documents
+from sparsesolve.lm.data import calibration_windows, corpus_tokens, eval_windows, mixed_calibration_windows, tokenize
 from sparsesolve.lm.evaluate import perplexity
 
 
@@ -39,7 +40,7 @@ def test_unknown_or_unreachable_corpora_fail_clearly() -> None:
     if importlib.util.find_spec("datasets") is None:
         with pytest.raises(ValueError, match="needs the hub and the datasets package"):
             load_text("wikitext2", "test")
-    assert set(CORPORA) == {"wiki", "ptb", "wikitext2", "c4"}
+    assert set(CORPORA) == {"wiki", "ptb", "code", "wikitext2", "c4"}
 
 
 def test_calibration_windows_are_seeded_and_inside_the_text() -> None:
@@ -53,6 +54,29 @@ def test_calibration_windows_are_seeded_and_inside_the_text() -> None:
         calibration_windows(torch.arange(50), 1, 50)
     with pytest.raises(ValueError, match=">= 1"):
         calibration_windows(tokens, 0, 50)
+
+
+def test_code_corpus_is_python_source_split_by_file() -> None:
+    splits = {s: load_text("code", s) for s in ("train", "validation", "test")}
+    files = {s: set(text.split("\n\n# ")) for s, text in splits.items()}
+    total = sum(len(text) for text in splits.values())
+    assert total > 2_000_000 and 0.6 < len(splits["train"]) / total < 0.95     # 80 % of the files
+    assert "def forward(self" in splits["train"] and "import torch" in splits["test"]
+    assert len(files["test"] & files["train"]) <= 1          # no file in two splits (the empty piece aside)
+    assert code_source().startswith("torch 2.") and "nn" in code_source()
+
+
+def test_mixed_calibration_splits_the_windows_evenly_over_the_corpora() -> None:
+    streams = [torch.arange(1000), torch.arange(5000, 6000), torch.arange(9000, 9500)]
+    windows = mixed_calibration_windows(streams, 8, 50, seed=2)
+    assert windows.shape == (8, 50)
+    assert [int(w[0]) // 1000 for w in windows] == [0, 0, 0, 5, 5, 5, 9, 9]      # 3 + 3 + 2, in corpus order
+    assert torch.equal(mixed_calibration_windows(streams[:1], 8, 50, seed=2), calibration_windows(streams[0], 8, 50, seed=2))
+    assert CalibrationConfig("wiki, ptb", 8).corpus == "wiki,ptb"
+    with pytest.raises(ValueError, match="several distinct"):
+        CalibrationConfig("wiki,wiki", 8)
+    with pytest.raises(ValueError, match="unknown corpus 'news'"):
+        CalibrationConfig("wiki,news", 8)
 
 
 def test_eval_windows_are_the_first_non_overlapping_windows() -> None:
@@ -86,3 +110,13 @@ def test_perplexity_rejects_windows_longer_than_the_context_and_broken_models() 
         model.transformer.h[0].mlp.c_fc.weight[0, 0] = float("nan")
     with pytest.raises(FloatingPointError, match="non-finite logits"):
         perplexity(model, torch.arange(200) % VOCAB, 64, progress=False)
+
+
+def test_a_corpus_is_tokenised_once_per_tokenizer() -> None:
+    """Two loads of one tokenizer share the cached split; another tokenizer gets its own tokens."""
+    text = load_text("wiki", "train")[:20_000]
+    first, again, other = tiny_tokenizer(text), tiny_tokenizer(text), tiny_tokenizer(text[:5_000])
+    tokens = corpus_tokens(first, "ptb", "validation")
+    assert corpus_tokens(again, "ptb", "validation") is tokens
+    assert torch.equal(tokens, tokenize(first, load_text("ptb", "validation")))
+    assert not torch.equal(corpus_tokens(other, "ptb", "validation")[:100], tokens[:100])

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from sparsesolve.core.patterns import Pattern
     from sparsesolve.core.quantize import GroupQuantizer
 
-__all__ = ["CG_TOL", "DEFAULT_CHUNK", "LOCAL_NEWTON_STEPS", "METHODS", "REFINEMENTS", "SOLVER_NAMES", "STORAGE_DTYPES",
+__all__ = ["ALLOCATIONS", "CG_TOL", "DEFAULT_CHUNK", "LOCAL_NEWTON_STEPS", "METHODS", "REFINEMENTS", "SOLVER_NAMES", "STORAGE_DTYPES",
            "PruneConfig", "SparseLLMConfig", "option"]
 
 #: the per-layer solvers, one file each in ``core/solvers`` exporting a function of the same name.
@@ -36,6 +36,8 @@ CG_TOL = 3e-4
 #: safeguarded Newton steps of the local proximal update; one suffices because the coordinator repeats
 #: the update every iteration (benchmarks/README.md).
 LOCAL_NEWTON_STEPS = 1
+#: layer-wise sparsity allocations of an unstructured target (``lm/allocation.py``).
+ALLOCATIONS = ("uniform", "owl", "obs")
 #: tokens per chunk for per-token work: bounds the float32 copies to ``8192 x width``.
 DEFAULT_CHUNK = 8192
 #: dtypes activations may be stored in (solves are float32 or float64 regardless).
@@ -77,6 +79,10 @@ class SparseLLMConfig:
                        choices=("global", "local"))
     prox_steps: int = option(LOCAL_NEWTON_STEPS, "Newton steps of the local proximal update")
     trace: bool = option(True, "record the penalised objective around every block update (a pass over the tokens each)")
+    heldout_fraction: float = option(0.0, "share of the calibration windows kept out of every fit; the candidates "
+                                          "(one-shot start, each iteration) are then chosen by their error on them")
+    trust: float = option(0.0, "ridge toward the one-shot weights W0: each coordinated solve also pays "
+                               "trust * ||(W - W0) X||^2 (0: none)")
 
     def __post_init__(self) -> None:
         if not isinstance(self.iterations, int) or self.iterations < 0:
@@ -94,6 +100,10 @@ class SparseLLMConfig:
             raise ValueError(f"prox_steps must be at least 1, got {self.prox_steps}")
         if self.refine_iter is not None and self.refine_iter < 0:
             raise ValueError(f"refine_iter must be >= 0 or None, got {self.refine_iter}")
+        if not 0 <= self.heldout_fraction < 1:
+            raise ValueError(f"heldout_fraction must be in [0, 1), got {self.heldout_fraction!r}")
+        if not self.trust >= 0:
+            raise ValueError(f"trust must be >= 0, got {self.trust!r}")
         if not self.reselect_mask and self.refine == "none":
             raise ValueError("reselect_mask=False keeps the masks and only refits: choose refine 'cg' or 'exact'")
 
@@ -157,6 +167,10 @@ class PruneConfig:
                                        choices=STORAGE_DTYPES)
     device: str | None = option(None, "where layers are processed (None: the model's device)")
     chunk_size: int | None = option(DEFAULT_CHUNK, "tokens per chunk of per-token work (None: all at once)")
+    allocation: str = option("uniform", "sparsity per decoder layer of an unstructured target, the average kept: "
+                                        "uniform, owl (outlier-weighted) or obs (error curves)", choices=ALLOCATIONS)
+    allocation_range: float = option(0.08, "how far the layers' sparsities move: owl spans twice this (OWL's "
+                                           "lambda, 0.08 for LLaMA), obs keeps each layer within this of the target")
 
     def __post_init__(self) -> None:
         from sparsesolve.core.patterns import Pattern, parse_pattern
@@ -201,6 +215,13 @@ class PruneConfig:
             _fail("chunk_size", f"must be >= 1 or None, got {self.chunk_size}")
         if self.device is not None:
             object.__setattr__(self, "device", str(self.device))
+        if self.allocation not in ALLOCATIONS:
+            _fail("allocation", f"unknown allocation {self.allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
+        if self.allocation != "uniform" and not hasattr(self.pattern, "fraction"):
+            _fail("allocation", f"{self.allocation!r} spreads an unstructured sparsity over the layers; "
+                                f"pattern {self.pattern} fixes every layer's (use a fraction such as 0.7)")
+        if not 0 < self.allocation_range <= 0.5:
+            _fail("allocation_range", f"must be in (0, 0.5], got {self.allocation_range!r}")
 
     def coordinator(self, language_model: bool) -> SparseLLMConfig:
         """The coordinator settings in force (``sparsellm``, or the defaults of what is pruned)."""
@@ -220,4 +241,5 @@ class PruneConfig:
                 "sparsellm": None if self.sparsellm is None else self.sparsellm.to_dict(),
                 "layers": self.layers if self.layers is None or isinstance(self.layers, str) else list(self.layers),
                 "batch_size": self.batch_size, "storage_dtype": self.storage_dtype, "device": self.device,
-                "chunk_size": self.chunk_size}
+                "chunk_size": self.chunk_size, "allocation": self.allocation,
+                "allocation_range": self.allocation_range}

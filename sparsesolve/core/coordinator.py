@@ -32,6 +32,15 @@ not the auxiliaries); keep-best guards the result.
 
 Only the ratios ``beta / gamma`` and ``alpha / gamma`` matter: scaling all three by a common factor
 leaves every update unchanged.
+
+Two options guard against over-fitting the calibration tokens:
+
+- held-out selection (``heldout=``, tokens kept out of every fit): the candidates are ranked by
+  ``||f(X_h) - Y_h||^2`` on the held-out tokens instead of the fitted ones (both are recorded);
+- a trust region (``config.trust = rho``): each coordinated solve minimises
+  ``||W X - T||^2 + rho ||(W - W0) X||^2`` with ``W0`` the one-shot weight, which is the plain masked
+  problem for the target cross-covariance ``(C + rho W0 H) / (1 + rho)`` (``H = X^T X``): the fit is
+  pulled toward the one-shot solution in the metric of its inputs.
 """
 
 from __future__ import annotations
@@ -51,9 +60,10 @@ from sparsesolve.core.linalg import compute_dtype_for, damped_cholesky
 from sparsesolve.core.patterns import Pattern
 from sparsesolve.core.sequential import layerwise, sequential_pass
 from sparsesolve.core.solvers import LayerProblem, LayerSolution, cg_refit, get_solver, refit
+from sparsesolve.core.solvers.row_share import row_separable, solve_rows
 from sparsesolve.core.streaming import accumulate, gram, map_tokens, token_chunks, weigh
 
-__all__ = ["ChainResult", "CoordinatorState", "sparsellm", "prune_chain"]
+__all__ = ["ChainResult", "CoordinatorState", "HeldOut", "sparsellm", "prune_chain", "trust_region_cross"]
 
 #: conjugate-gradient iterations of a refit at most, when chosen by cost: 4 give 95 % of a converged
 #: refit's gain on SmolLM2 layer 1 (benchmarks/README.md)
@@ -70,6 +80,8 @@ class ChainResult:
     - ``history``: one dict per coordinator iteration (``objective_trace``: the penalised objective after
       each block update; ``error``: true error of the iteration's consistent candidate).
     - ``best_iteration``: 0 for the one-shot start; ``seconds``: wall time.
+    - ``heldout_error``, ``heldout_reference``, ``start_heldout_error``: the same on held-out tokens
+      (None without them); the candidates were then chosen by ``heldout_error``.
     """
 
     solutions: dict[str, LayerSolution]
@@ -79,11 +91,21 @@ class ChainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     best_iteration: int = 0
     seconds: float = 0.0
+    heldout_error: float | None = None
+    heldout_reference: float | None = None
+    start_heldout_error: float | None = None
 
     @property
     def relative_error(self) -> float:
         """``||f(X) - Y||^2 / ||Y||^2``."""
         return self.error / self.reference if self.reference > 0 else 0.0
+
+    @property
+    def heldout_relative_error(self) -> float | None:
+        """``||f(X_h) - Y_h||^2 / ||Y_h||^2`` on the held-out tokens (None without them)."""
+        if self.heldout_error is None or self.heldout_reference is None:
+            return None
+        return self.heldout_error / self.heldout_reference if self.heldout_reference > 0 else 0.0
 
     @property
     def sparsity(self) -> float:
@@ -104,6 +126,39 @@ def _token_count(inputs: torch.Tensor) -> int:
     if count == 0:
         raise ValueError("no calibration tokens: pass at least one input row")
     return count
+
+
+def trust_region_cross(cross: torch.Tensor, start: torch.Tensor, gram: torch.Tensor, trust: float) -> torch.Tensor:
+    """The cross-covariance ``(C + rho W0 H) / (1 + rho)`` (``m x n``) whose masked least-squares problem
+    is ``min ||W X - T||^2 + rho ||(W - W0) X||^2`` (up to a constant and the factor ``1 + rho``), for
+    ``C = T^T X`` (``cross``), ``W0`` (``start``, ``m x n``), ``H = X^T X`` (``gram``), ``rho = trust``."""
+    return (cross + trust * start @ gram) / (1 + trust)
+
+
+class HeldOut:
+    """Tokens kept out of every fit (``N_h x n``): the dense chain's output on them, computed when built
+    (before any weight changes), and the squared error of candidate weights against it."""
+
+    def __init__(self, chain: Chain, tokens: torch.Tensor, chunk_size: int | None, dtype: torch.dtype) -> None:
+        self.chain, self.tokens, self.chunk, self.dtype = chain, tokens, chunk_size, dtype
+        self.target = self._forward(None)
+        self.reference = _squared_error(self.target, None)
+
+    def _forward(self, weights: list[list[torch.Tensor]] | None) -> torch.Tensor:
+        n, width = self.tokens.shape[0], self.chain.stages[-1].linear.weight.shape[0]
+        out = torch.empty(n, width, dtype=self.dtype, device=self.tokens.device)
+        return map_tokens(n, self.chunk, lambda c: self.chain.forward(self.tokens[c].to(self.dtype), weights), out)
+
+    def error(self, weights: list[list[torch.Tensor]]) -> float:
+        """``||f_W(X_h) - Y_h||^2`` (over every rank's held-out tokens when token sharded)."""
+        return _squared_error(self._forward(weights), self.target)
+
+
+def _held_out(chain: Chain, tokens: torch.Tensor | None, chunk_size: int | None, dtype: torch.dtype) -> HeldOut | None:
+    """``HeldOut`` for ``tokens``, or None when there are none (on any rank)."""
+    if tokens is None or reduce_count(tokens.shape[0]) == 0:
+        return None
+    return HeldOut(chain, tokens, chunk_size, dtype)
 
 
 class CoordinatorState:
@@ -227,6 +282,7 @@ def sparsellm(
     storage_dtype: torch.dtype | None = None,
     progress: bool = False,
     token_weights: torch.Tensor | None = None,
+    heldout: torch.Tensor | None = None,
     **overrides: Any,
 ) -> ChainResult:
     """Prune every linear of ``chain`` jointly (module docstring); weights are written into its modules.
@@ -247,6 +303,8 @@ def sparsellm(
       the router weights its output); the per-token auxiliary updates are unchanged by it.
     - ``chunk_size``: tokens per chunk for every per-token computation (None = all at once).
     - ``storage_dtype``: dtype of the stored auxiliaries (default: the inputs' dtype).
+    - ``heldout`` (``N_h x n``): tokens kept out of every fit; the candidates are chosen by their error on
+      them (module docstring).
     """
     config = SparseLLMConfig.with_options(config or SparseLLMConfig(), overrides)
     started = time.perf_counter()
@@ -256,6 +314,7 @@ def sparsellm(
     method = get_solver(solver)
     damp = options.get("damp", 0.01)
     fixed_mask = _fixed_mask_solver(config.refine, config.refine_tol, config.refine_iter, _token_count(inputs))
+    held = _held_out(chain, heldout, chunk_size, dtype)
     state = CoordinatorState(chain, inputs, dtype, storage, chunk_size, config.alpha, config.beta, config.gamma,
                              token_weights)
     reference = _squared_error(state.target, None, token_weights)
@@ -264,6 +323,7 @@ def sparsellm(
                       chunk_size=chunk_size, first_gram=state.input_gram, token_weights=token_weights)
     best, best_error, best_iteration = start, _squared_error(start.output, state.target, token_weights), 0
     start_error = best_error
+    start_held = best_held = None if held is None else held.error(start.weights)
     current = start
     history: list[dict[str, Any]] = []
     for iteration in tqdm(range(1, config.iterations + 1), desc="sparsellm", disable=not progress):
@@ -284,31 +344,40 @@ def sparsellm(
             record(f"preactivation {l}")
 
         def solve(l: int, j: int, linear: LinearMap, h: torch.Tensor, acts: torch.Tensor) -> LayerSolution:
-            # one problem (factor, W*) per linear, shared by the masked solve and the refit
-            problem = LayerProblem.build(linear.weight, h, target=state.cross(state.stage_targets(l)[j], linear, acts),
-                                         damp=damp, compute_dtype=dtype)
+            cross = state.cross(state.stage_targets(l)[j], linear, acts)
+            if config.trust > 0:
+                cross = trust_region_cross(cross, start.weights[l][j], h, config.trust)
             previous = current.solutions[linear.name]
-            if not config.reselect_mask:
-                return fixed_mask(problem, previous.mask, previous.weight, None)
-            sol = method(linear.weight, h, pattern, problem=problem, **options)
-            return sol if fixed_mask is None else fixed_mask(problem, sol.mask, sol.weight, sol)
+
+            def rows_solve(rows: slice) -> LayerSolution:
+                # one problem (factor, W*) per linear, shared by the masked solve and the refit
+                problem = LayerProblem.build(linear.weight[rows], h, target=cross[rows], damp=damp, compute_dtype=dtype)
+                if not config.reselect_mask:
+                    return fixed_mask(problem, previous.mask[rows], previous.weight[rows], None)
+                sol = method(linear.weight[rows], h, pattern, problem=problem, **options)
+                return sol if fixed_mask is None else fixed_mask(problem, sol.mask, sol.weight, sol)
+
+            separable = row_separable(solver, None if not config.reselect_mask else pattern)
+            return solve_rows(rows_solve, linear.weight.shape[0], separable)
 
         current = sequential_pass(chain, inputs, solve, dtype=dtype, storage_dtype=storage, chunk_size=chunk_size,
                                   first_gram=state.input_gram, token_weights=token_weights)
         error = _squared_error(current.output, state.target, token_weights)
+        held_error = None if held is None else held.error(current.weights)
         history.append({"iteration": iteration, "objective_trace": objective_trace, "error": error,
                         "relative_error": error / reference if reference > 0 else 0.0,
+                        "heldout_relative_error": None if held is None else held_error / max(held.reference, 1e-300),
                         "ridge_escalations": escalations, "seconds": time.perf_counter() - tick,
                         "refine_iterations": {name: sol.info.get("cg_iterations") for name, sol in current.solutions.items()},
                         "refine_residual": {name: sol.info.get("cg_residual") for name, sol in current.solutions.items()}})
-        if error < best_error:
-            best, best_error, best_iteration = current, error, iteration
+        if (error < best_error) if held is None else (held_error < best_held):
+            best, best_error, best_held, best_iteration = current, error, held_error, iteration
 
     for stage, ws in zip(chain.stages, best.weights):
         for lin, w in zip(stage.linears, ws):
             lin.assign(w)
     return ChainResult(best.solutions, best_error, reference, start_error, history, best_iteration,
-                       time.perf_counter() - started)
+                       time.perf_counter() - started, best_held, None if held is None else held.reference, start_held)
 
 
 def _fixed_mask_solver(refine: str, tol: float, max_iter: int | None, n_tokens: int) -> Callable[..., LayerSolution] | None:
@@ -334,27 +403,31 @@ def _fixed_mask_solver(refine: str, tol: float, max_iter: int | None, n_tokens: 
 
 
 def prune_chain(chain: Chain, inputs: torch.Tensor, config: PruneConfig, *, language_model: bool = False,
-                progress: bool = False, token_weights: torch.Tensor | None = None) -> ChainResult:
+                progress: bool = False, token_weights: torch.Tensor | None = None,
+                heldout: torch.Tensor | None = None) -> ChainResult:
     """Prune a chain as ``config`` says: ``"sparsellm"`` coordinates it (``config.coordinator``; the
     language-model defaults when ``language_model``), a per-layer solver prunes one linear after the
-    other. ``token_weights``: see ``sparsellm``."""
+    other. ``token_weights``, ``heldout``: see ``sparsellm`` (a per-layer solver only reports the
+    held-out error: it has no candidates to choose among)."""
     pattern, options = config.pattern, config.solve_options()
     storage = None if config.storage_dtype is None else getattr(torch, config.storage_dtype)
     if config.method == "sparsellm":
         return sparsellm(chain, inputs, pattern, config.coordinator(language_model), solver=config.solver,
                          solver_options=options, chunk_size=config.chunk_size, storage_dtype=storage, progress=progress,
-                         token_weights=token_weights)
+                         token_weights=token_weights, heldout=heldout)
     started = time.perf_counter()
     _token_count(inputs)
     dtype = compute_dtype_for(inputs)
     width = chain.stages[-1].linear.weight.shape[0]
     target = map_tokens(inputs.shape[0], config.chunk_size, lambda c: chain.forward(inputs[c].to(dtype)),
                         torch.empty(inputs.shape[0], width, dtype=dtype, device=inputs.device))
+    held = _held_out(chain, heldout, config.chunk_size, dtype)
     result = layerwise(chain, inputs, pattern, config.method, solver_options=options, dtype=dtype,
                        storage_dtype=storage or inputs.dtype, chunk_size=config.chunk_size, token_weights=token_weights)
     for stage, ws in zip(chain.stages, result.weights):
         for lin, w in zip(stage.linears, ws):
             lin.assign(w)
     error = _squared_error(result.output, target, token_weights)
+    held_error = None if held is None else held.error(result.weights)
     return ChainResult(result.solutions, error, _squared_error(target, None, token_weights), error, [], 0,
-                       time.perf_counter() - started)
+                       time.perf_counter() - started, held_error, None if held is None else held.reference, held_error)

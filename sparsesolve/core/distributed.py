@@ -5,8 +5,12 @@ Every statistic a solve reads is a sum over tokens: the Gram ``X^T X``, the cros
 own share of the tokens and the partial sums are all-reduced (``reduce``, ``reduce_float``,
 ``reduce_count``), so every rank holds the statistics of all ``N`` tokens while it stores and
 updates only its ``N / K`` rows of the per-token arrays (activations, the coordinator's auxiliaries).
-The solves then run on identical inputs on every rank and give identical weights
-(``check_identical`` verifies it per decoder layer). Only ``d x d``-sized data crosses between ranks.
+The weight solves whose rows decouple (SparseGPT with a per-row pattern, the fixed-mask refits) are
+split by rows instead: inside ``rows_shared()`` each rank solves its ``share`` of a weight's rows, the
+row sums a solve reads (conjugate gradients' residual) are all-reduced (``reduce_rows``) and the rows
+are all-gathered (``gather_rows``); the other solves run on identical inputs on every rank. Either way
+every rank ends with identical weights (``check_identical`` verifies it per decoder layer). Only
+``d x d``- and ``m x n``-sized data crosses between ranks.
 
 Outside ``token_sharded()`` (or with one rank) every function here is the identity, so the one-process
 code path is unchanged. gloo serves CPU tensors, nccl CUDA tensors (``start_process_group``).
@@ -24,9 +28,11 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["token_sharded", "sharded", "rank", "world_size", "is_main", "share", "reduce", "reduce_float",
-           "reduce_count", "agree", "on_main", "check_identical", "gather", "start_process_group"]
+           "reduce_count", "rows_shared", "reduce_rows", "gather_rows", "agree", "on_main", "check_identical",
+           "gather", "start_process_group"]
 
 _SHARDED: ContextVar[bool] = ContextVar("sparsesolve_token_sharded", default=False)
+_ROWS: ContextVar[bool] = ContextVar("sparsesolve_rows_shared", default=False)
 T = TypeVar("T")
 
 
@@ -96,6 +102,39 @@ def _reduce_scalar(value: float, dtype: torch.dtype) -> torch.Tensor:
     total = torch.tensor([value], dtype=dtype, device=_collective_device())
     dist.all_reduce(total)
     return total
+
+
+@contextmanager
+def rows_shared() -> Iterator[None]:
+    """Within the block (when sharded) each rank solves its ``share`` of a weight's rows: sums over
+    rows go through ``reduce_rows``."""
+    token = _ROWS.set(True)
+    try:
+        yield
+    finally:
+        _ROWS.reset(token)
+
+
+def reduce_rows(value: float) -> float:
+    """A sum over a weight's rows, over every rank's rows inside ``rows_shared()`` (float64)."""
+    return reduce_float(value) if _ROWS.get() else value
+
+
+def gather_rows(part: torch.Tensor, rows: int) -> torch.Tensor:
+    """The ``rows``-row tensor whose ``share(rows)`` this rank holds as ``part``, all-gathered in rank
+    order (shares are padded to equal length for the collective); ``part`` itself when not sharded."""
+    if not sharded():
+        return part
+    ranks = world_size()
+    longest = -(-rows // ranks)
+    # gloo has no bool or int16 collectives: such tensors travel as int32
+    carrier = torch.int32 if part.dtype in (torch.bool, torch.int16) else part.dtype
+    padded = torch.zeros((longest, *part.shape[1:]), dtype=carrier, device=_collective_device())
+    padded[: part.shape[0]] = part
+    pieces = [torch.empty_like(padded) for _ in range(ranks)]
+    dist.all_gather(pieces, padded)
+    lengths = [share(rows, ranks, r).stop - share(rows, ranks, r).start for r in range(ranks)]
+    return torch.cat([p[:n] for p, n in zip(pieces, lengths)]).to(device=part.device, dtype=part.dtype)
 
 
 def gather(value: Any) -> list[Any]:

@@ -17,6 +17,7 @@ import torch
 from sparsesolve.core.chain import Chain, LinearMap, apply_linear
 from sparsesolve.core.patterns import Pattern
 from sparsesolve.core.solvers import LayerSolution, get_solver
+from sparsesolve.core.solvers.row_share import row_separable, solve_rows
 from sparsesolve.core.streaming import gram, map_tokens
 
 __all__ = ["ChainSolve", "sequential_pass", "layerwise"]
@@ -91,8 +92,11 @@ def layerwise(
     method = get_solver(solver)
     options = dict(solver_options or {})
 
+    separable = row_separable(solver, pattern)
+
     def solve(l: int, j: int, linear: LinearMap, h: torch.Tensor, acts: torch.Tensor) -> LayerSolution:
-        return method(linear.weight, h, pattern, compute_dtype=dtype, **options)
+        return solve_rows(lambda rows: method(linear.weight[rows], h, pattern, compute_dtype=dtype, **options),
+                          linear.weight.shape[0], separable)
 
     return sequential_pass(chain, inputs, solve, dtype=dtype, storage_dtype=storage_dtype, chunk_size=chunk_size,
                            first_gram=first_gram, token_weights=token_weights)

@@ -25,7 +25,6 @@ depend on the number of layers.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -43,19 +42,18 @@ from sparsesolve.core.chain import Chain, LinearMap
 from sparsesolve.core.config import PruneConfig
 from sparsesolve.core.coordinator import ChainResult, prune_chain
 from sparsesolve.core.linalg import compute_dtype_for
-from sparsesolve.core.patterns import Pattern
+from sparsesolve.core.patterns import Pattern, Unstructured
 from sparsesolve.core.quantize import QuantizationGrid
 from sparsesolve.core.solvers import get_solver
+from sparsesolve.core.solvers.row_share import row_separable, solve_rows
 from sparsesolve.lm.adapters import DecoderLayerMap, get_adapter
+from sparsesolve.lm.allocation import allocate, layer_statistics, sparsity_grid
 from sparsesolve.lm.checkpoint import LayerCheckpoints
+from sparsesolve.lm.layer_inputs import LayerInputs, capture_first_inputs, feed, run_layer
 from sparsesolve.lm.models import check_seq_len
 from sparsesolve.lm.records import ExpertRecord, FFNRecord, LayerRecord, LinearRecord
 
 __all__ = ["PruneResult", "prune_decoder", "select_layers", "check_prunable"]
-
-class _Stop(Exception):
-    """Raised by a hook to end a forward pass once the wanted input has been seen."""
-
 
 @dataclass
 class PruneResult:
@@ -67,6 +65,8 @@ class PruneResult:
       every linear a quantising solve produced (empty otherwise), by the same names.
     - ``seconds`` (wall), ``forward_seconds`` (capturing inputs, propagating), ``solve_seconds``.
     - ``resumed_layers``: layers read back from checkpoints instead of pruned again.
+    - ``allocation``: each pruned layer's requested sparsity under a non-uniform ``config.allocation``
+      (empty for uniform).
     """
 
     layers: list[LayerRecord]
@@ -76,6 +76,7 @@ class PruneResult:
     forward_seconds: float = 0.0
     solve_seconds: float = 0.0
     resumed_layers: list[int] = field(default_factory=list)
+    allocation: dict[int, float] = field(default_factory=dict)
 
     @property
     def sparsity(self) -> float:
@@ -111,12 +112,6 @@ def select_layers(spec: str | Sequence[int] | range | None, count: int) -> list[
     return sorted(set(indices))
 
 
-@dataclass
-class _LayerInputs:
-    hidden: list[torch.Tensor]
-    kwargs: list[dict[str, Any]]
-
-
 def check_prunable(model: nn.Module, pattern: Pattern, layers: str | Sequence[int] | None = None) -> list[int]:
     """The selected layer indices, after checking the model family is supported and ``pattern`` fits
     every linear of them (one-line errors naming the offending module)."""
@@ -131,69 +126,14 @@ def check_prunable(model: nn.Module, pattern: Pattern, layers: str | Sequence[in
     return chosen
 
 
-def _capture_first_inputs(model: nn.Module, layer: nn.Module, windows: torch.Tensor, batch_size: int,
-                          storage: torch.dtype, device: torch.device) -> _LayerInputs:
-    inputs = _LayerInputs([], [])
-
-    def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        inputs.hidden.append(hidden.detach().to(device=device, dtype=storage))
-        # further positional arguments (RecurrentGemma passes position ids and mask so) travel by name
-        names = list(inspect.signature(module.forward).parameters)[1:len(args)]
-        inputs.kwargs.append({**dict(zip(names, args[1:])), **{k: v for k, v in kwargs.items() if k != "hidden_states"}})
-        raise _Stop
-
-    handle = layer.register_forward_pre_hook(hook, with_kwargs=True)
-    model_device = next(model.parameters()).device
-    try:
-        for start in range(0, windows.shape[0], batch_size):
-            try:
-                model(input_ids=windows[start : start + batch_size].to(model_device), use_cache=False)
-            except _Stop:
-                continue
-            raise RuntimeError("the first decoder layer was never called")
-    finally:
-        handle.remove()
-    return inputs
-
-
-def _run(layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any], dtype: torch.dtype) -> torch.Tensor:
-    out = layer(hidden.to(dtype), **kwargs)
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
-def _feed(layer: nn.Module, module: nn.Module, inputs: _LayerInputs, dtype: torch.dtype,
-          consume: Callable[[torch.Tensor], None], *, every_argument: bool = False) -> None:
-    """Run ``layer`` on every batch until ``module`` is called; hand its input (tokens x width) to
-    ``consume`` (``every_argument``: all its tensor arguments, each as tokens x ..., as a tuple)."""
-
-    def hook(mod: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        values = [v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)]
-        if every_argument:
-            tokens = values[0].shape[:-1].numel()
-            consume(tuple(v.detach().reshape(tokens, -1) for v in values))
-        else:
-            consume(values[0].detach().reshape(-1, values[0].shape[-1]))
-        raise _Stop
-
-    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        for hidden, kwargs in zip(inputs.hidden, inputs.kwargs):
-            try:
-                _run(layer, hidden, kwargs, dtype)
-            except _Stop:
-                continue
-            raise RuntimeError(f"{type(module).__name__} was not called by its decoder layer")
-    finally:
-        handle.remove()
-
-
 class _LayerPruner:
     """Prunes one decoder layer at a time (module docstring, step 2)."""
 
     def __init__(self, config: PruneConfig, storage: torch.dtype, dtype: torch.dtype) -> None:
         self.config, self.storage, self.dtype = config, storage, dtype
-        self.attention_solver = get_solver(config.solver if config.method == "sparsellm" else config.method)
+        name = config.solver if config.method == "sparsellm" else config.method
+        self.attention_solver = get_solver(name)
+        self.attention_separable = row_separable(name, config.pattern)
         self.solve_options = config.solve_options()
         self.forward_seconds = 0.0
 
@@ -204,13 +144,15 @@ class _LayerPruner:
         yield
         self.forward_seconds += time.perf_counter() - tick
 
-    def _timed_feed(self, layer: nn.Module, module: nn.Module, inputs: _LayerInputs,
+    def _timed_feed(self, layer: nn.Module, module: nn.Module, inputs: LayerInputs,
                     consume: Callable[[Any], None], every_argument: bool = False) -> None:
         with self.forward_pass():
-            _feed(layer, module, inputs, self.dtype, consume, every_argument=every_argument)
+            feed(layer, module, inputs, self.dtype, consume, every_argument=every_argument)
 
-    def prune(self, index: int, layer: nn.Module, lmap: DecoderLayerMap, inputs: _LayerInputs) -> _LayerOutcome:
-        """Prune attention groups then the FFN in place; the layer's record, masks and grids."""
+    def prune(self, index: int, layer: nn.Module, lmap: DecoderLayerMap, inputs: LayerInputs,
+              heldout: LayerInputs | None = None) -> _LayerOutcome:
+        """Prune attention groups then the FFN in place; the layer's record, masks and grids. ``heldout``:
+        the held-out windows' inputs, whose FFN inputs go to the coordinator for its choice."""
         outcome = _LayerOutcome(None, {}, {}, {})
         solve_seconds = 0.0
         for group in lmap.attention:
@@ -222,7 +164,9 @@ class _LayerPruner:
             gram = distributed.reduce(total).to(compute)
             del total
             for lin in group:
-                sol = self.attention_solver(lin.weight, gram, self.config.pattern, compute_dtype=compute, **self.solve_options)
+                sol = solve_rows(lambda rows, w=lin.weight: self.attention_solver(
+                    w[rows], gram, self.config.pattern, compute_dtype=compute, **self.solve_options),
+                    lin.weight.shape[0], self.attention_separable)
                 lin.assign(sol.weight)
                 outcome.add(lin, sol)
                 solve_seconds += sol.seconds
@@ -232,7 +176,12 @@ class _LayerPruner:
             self._timed_feed(layer, lmap.ffn_input, inputs, lambda x: parts.append(x.to(self.storage)))
             tokens = torch.cat(parts)
             parts.clear()                       # the batches are not held twice while the FFN is pruned
-            result = prune_chain(lmap.ffn, tokens, self.config, language_model=True)
+            held = None
+            if heldout is not None:
+                self._timed_feed(layer, lmap.ffn_input, heldout, lambda x: parts.append(x.to(self.storage)))
+                held = torch.cat(parts) if parts else tokens.new_zeros(0, tokens.shape[1])
+                parts.clear()
+            result = prune_chain(lmap.ffn, tokens, self.config, language_model=True, heldout=held)
             del tokens
             outcome.add_chain(lmap.ffn, result)
             ffn, solve_seconds = FFNRecord.from_chain(result), solve_seconds + result.seconds
@@ -312,6 +261,11 @@ def prune_decoder(
     - ``config.batch_size``: windows per forward pass; ``storage_dtype``: dtype of stored activations
       (default the model's; bfloat16 halves activation memory; solves stay float32); ``device``: where
       layers are processed (default the model's device); ``chunk_size``: tokens per chunk in the FFN solve.
+    - ``config.allocation``: each layer's sparsity of an unstructured target (``lm/allocation.py``: a
+      dense pass over the windows first), returned as ``PruneResult.allocation``.
+    - ``config.sparsellm.heldout_fraction``: that share of the windows (``HELDOUT_SEED``) is kept out of
+      every fit, carried through the pruned layers and handed to each FFN coordinator, which chooses
+      its candidate by the error on it (experts of an MoE layer choose on their fitted tokens).
     - ``checkpoint_dir``: save every pruned layer there; ``resume=True`` continues from its checkpoints
       and ends with the same weights as an uninterrupted run.
 
@@ -356,9 +310,13 @@ def _prune_layers(model: nn.Module, calibration: torch.Tensor, config: PruneConf
         done = set(distributed.on_main(lambda: checkpoints.open(resume)))
     pruner = _LayerPruner(config, storage, model_dtype)
     with torch.no_grad():
+        sparsities = _allocate(model, adapter, chosen, calibration, config, storage, model_dtype, device, pruner)
+        calibration, held_windows = _split_heldout(calibration, config)
         with pruner.forward_pass():
-            inputs = _capture_first_inputs(model, decoder[0], calibration, config.batch_size, storage, device)
-        result = PruneResult([], {})
+            inputs = capture_first_inputs(model, decoder[0], calibration, config.batch_size, storage, device)
+            heldout = None if held_windows is None else capture_first_inputs(
+                model, decoder[0], held_windows, config.batch_size, storage, device)
+        result = PruneResult([], {}, allocation=sparsities)
         bar = tqdm(range(chosen[-1] + 1), desc="layers", unit="layer", disable=not (progress and distributed.is_main()))
         for index in bar:
             layer = decoder[index]
@@ -366,10 +324,12 @@ def _prune_layers(model: nn.Module, calibration: torch.Tensor, config: PruneConf
             layer.to(device)
             if index in chosen:
                 lmap = adapter.layer_map(model, index)
+                if sparsities:
+                    pruner.config = replace(config, pattern=Unstructured(sparsities[index], config.pattern.scope))
                 if index in done:
                     outcome = _restore(lmap, checkpoints.load(index), config)
                 else:
-                    outcome = pruner.prune(index, layer, lmap, inputs)
+                    outcome = pruner.prune(index, layer, lmap, inputs, heldout)
                     if not distributed.check_identical([p.data for p in layer.parameters()]):
                         warnings.warn(f"layer {index}: the ranks' pruned weights differed; continuing with rank 0's",
                                       stacklevel=2)
@@ -385,11 +345,50 @@ def _prune_layers(model: nn.Module, calibration: torch.Tensor, config: PruneConf
                     bar.set_postfix(ffn_error=f"{outcome.record.ffn.relative_error:.4f}")
             if index < chosen[-1]:
                 with pruner.forward_pass():
-                    inputs.hidden = [_run(layer, h, kw, model_dtype).to(storage) for h, kw in zip(inputs.hidden, inputs.kwargs)]
+                    for batches in (inputs,) if heldout is None else (inputs, heldout):
+                        batches.hidden = [run_layer(layer, h, kw, model_dtype).to(storage)
+                                          for h, kw in zip(batches.hidden, batches.kwargs)]
             layer.to(home)
     result.seconds, result.forward_seconds = time.perf_counter() - started, pruner.forward_seconds
     result.resumed_layers = sorted(done & set(chosen))
     return result
+
+
+#: seed of the choice of held-out windows (``SparseLLMConfig.heldout_fraction``)
+HELDOUT_SEED = 0
+
+
+def _split_heldout(windows: torch.Tensor, config: PruneConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The windows to fit and, under sparsellm with ``heldout_fraction`` f > 0, the held-out ones:
+    ``max(1, round(f n))`` of all ranks' ``n`` windows, chosen with ``HELDOUT_SEED`` by their index in
+    rank order (so any split over ranks holds out the same windows)."""
+    fraction = config.coordinator(True).heldout_fraction if config.method == "sparsellm" else 0.0
+    if fraction == 0:
+        return windows, None
+    counts = distributed.gather(windows.shape[0])
+    total, offset = sum(counts), sum(counts[: distributed.rank() if distributed.sharded() else 0])
+    count = max(1, round(fraction * total))
+    if count >= total:
+        raise ValueError(f"heldout_fraction {fraction} of {total} calibration windows leaves none to fit; "
+                         "use more windows (--nsamples) or a smaller fraction")
+    chosen = torch.randperm(total, generator=torch.Generator().manual_seed(HELDOUT_SEED))[:count]
+    held = torch.zeros(total, dtype=torch.bool)
+    held[chosen] = True
+    mine = held[offset : offset + windows.shape[0]]
+    return windows[~mine], windows[mine]
+
+
+def _allocate(model: nn.Module, adapter: Any, chosen: list[int], calibration: torch.Tensor, config: PruneConfig,
+              storage: torch.dtype, dtype: torch.dtype, device: torch.device, pruner: _LayerPruner) -> dict[int, float]:
+    """Each chosen layer's sparsity under ``config.allocation`` (``lm/allocation.py``); empty for uniform."""
+    if config.allocation == "uniform":
+        return {}
+    target = config.pattern.fraction
+    with pruner.forward_pass():
+        inputs = capture_first_inputs(model, adapter.layers(model)[0], calibration, config.batch_size, storage, device)
+        stats = layer_statistics(model, adapter, chosen, inputs, dtype, device,
+                                 sparsity_grid(target, config.allocation_range), config.solver_options.get("damp", 0.01))
+    return allocate(config.allocation, target, stats, config.allocation_range)
 
 
 def _restore(lmap: DecoderLayerMap, saved: dict[str, Any], config: PruneConfig) -> _LayerOutcome:

@@ -56,7 +56,7 @@ def pruning_memory(*, tokens: int, d_model: int, d_ff: int, layer_params: int, m
 
 
 def pruning_memory_of(folder: str | Path, *, tokens: int, ranks: int = 1, method: str = "sparsellm",
-                      storage_bytes: int | None = None) -> dict[str, float]:
+                      storage_bytes: int | None = None, chunk_size: int | None = DEFAULT_CHUNK) -> dict[str, float]:
     """``pruning_memory`` for the model in ``folder`` (its ``config.json``; parameters counted from its
     safetensors), stored in its own dtype unless ``storage_bytes`` is given."""
     from safetensors import safe_open
@@ -76,4 +76,4 @@ def pruning_memory_of(folder: str | Path, *, tokens: int, ranks: int = 1, method
     gated = any("gate_proj" in key for key in sizes)
     return pruning_memory(tokens=tokens, d_model=text["hidden_size"], d_ff=d_ff, layer_params=layer_params,
                           model_params=sum(sizes.values()), ranks=ranks, storage_bytes=storage_bytes or dtype_bytes,
-                          param_bytes=dtype_bytes, gated=gated, method=method)
+                          param_bytes=dtype_bytes, gated=gated, method=method, chunk_size=chunk_size)

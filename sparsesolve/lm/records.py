@@ -36,7 +36,8 @@ class LinearRecord:
 @dataclass(frozen=True)
 class FFNRecord:
     """The FFN chain: final and one-shot-start relative errors of its output, the chosen iteration (0 =
-    the start), per-iteration errors, seconds and conjugate-gradient iterations per linear."""
+    the start), per-iteration errors, seconds and conjugate-gradient iterations per linear; with
+    held-out windows the same errors on them (``heldout_*``, None without)."""
 
     relative_error: float
     start_relative_error: float
@@ -46,14 +47,21 @@ class FFNRecord:
     iteration_errors: list[float] = field(default_factory=list)
     iteration_seconds: list[float] = field(default_factory=list)
     refine_iterations: list[dict[str, int | None]] = field(default_factory=list)
+    heldout_relative_error: float | None = None
+    start_heldout_relative_error: float | None = None
+    iteration_heldout_errors: list[float | None] = field(default_factory=list)
 
     @classmethod
     def from_chain(cls, result: ChainResult) -> FFNRecord:
         """The record of a chain result."""
         start = result.start_error / result.reference if result.reference > 0 else 0.0
+        held_start = None
+        if result.start_heldout_error is not None and result.heldout_reference:
+            held_start = result.start_heldout_error / result.heldout_reference
         return cls(result.relative_error, start, result.best_iteration, len(result.history), result.seconds,
                    [h["relative_error"] for h in result.history], [h["seconds"] for h in result.history],
-                   [h.get("refine_iterations", {}) for h in result.history])
+                   [h.get("refine_iterations", {}) for h in result.history], result.heldout_relative_error,
+                   held_start, [h.get("heldout_relative_error") for h in result.history])
 
 
 @dataclass(frozen=True)

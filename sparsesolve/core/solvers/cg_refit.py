@@ -22,11 +22,13 @@ SmolLM2's layers 9-18 iterations reach a relative objective gap of 1e-4 from a S
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
 
 from sparsesolve.core.config import CG_TOL
+from sparsesolve.core.distributed import reduce_rows
 from sparsesolve.core.solvers.problem import LayerProblem, LayerSolution
 
 __all__ = ["cg_refit"]
@@ -70,8 +72,9 @@ def cg_refit(
     z = residual * inv_diag
     direction = z
     rz = (residual * z).sum(dim=1)
-    initial = ((rhs * keep) ** 2 * inv_diag).sum().sqrt()
-    relative = 0.0 if float(initial) == 0 else float(rz.sum().sqrt() / initial)
+    # sums over rows cover every rank's rows when the rows are split (row_share.py)
+    initial = math.sqrt(reduce_rows(float(((rhs * keep) ** 2 * inv_diag).sum())))
+    relative = 0.0 if initial == 0 else math.sqrt(reduce_rows(float(rz.sum()))) / initial
     iteration = 0
     while iteration < max_iter and relative > tol:
         iteration += 1
@@ -88,7 +91,7 @@ def cg_refit(
         direction = z + beta[:, None] * direction
         rz = rz_new
         if iteration % check_every == 0 or iteration == max_iter:
-            relative = float(rz.sum().sqrt() / initial)
+            relative = math.sqrt(reduce_rows(float(rz.sum()))) / initial
     # ||(W - W*) X||^2 = <W - W*, (W - W*) Hd> - lam ||W - W*||^2, and (W - W*) Hd = W Hd - rhs
     delta = w - problem.w_star
     error = float((delta * (product - rhs)).sum() - problem.cholesky.lam * (delta * delta).sum())
