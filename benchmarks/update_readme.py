@@ -127,7 +127,8 @@ TABLES = {"optimality-gap": optimality_gap_table, "solvers": solver_table, "mlp"
           "goals-full": goals_table, "export-sizes": export_table,
           "quantized": quantized_table, "ast": ast_table, "coordinator-scale": scale_table,
           "census": census_table, "distributed": distributed_table,
-          "compressed-tensors": compressed_tensors_table, "allocation": allocation_table}
+          "compressed-tensors": compressed_tensors_table, "allocation": allocation_table,
+          "goals-small": lambda: goals_table("small", "full")}
 STUDY_TABLES = {"study-variants": variant_table, "study-goals": goals_table, "study-layers": layer_table,
                 "study-heldout": heldout_table}
 

@@ -39,10 +39,10 @@ class CalibrationConfig:
         for name in names:
             _check_corpus("calib", name)
         object.__setattr__(self, "corpus", ",".join(names))
-        if self.windows < len(names):
-            raise ValueError(f"--nsamples {self.windows} cannot give a window to each of {len(names)} corpora")
         if self.windows < 1:
             raise ValueError(f"--nsamples must be >= 1, got {self.windows}")
+        if self.windows < len(names):
+            raise ValueError(f"--nsamples {self.windows} cannot give a window to each of {len(names)} corpora")
         if self.seq_len < 2:
             raise ValueError(f"--seq-len must be >= 2, got {self.seq_len}")
 
@@ -83,6 +83,8 @@ class RunConfig:
     resume: bool = False
 
     def __post_init__(self) -> None:
+        if self.prune.method == "sparsellm":
+            self.prune.coordinator(True).heldout_windows(self.calibration.windows)
         if self.evaluation.seq_len != self.calibration.seq_len:
             raise ValueError(f"calibration and evaluation windows differ ({self.calibration.seq_len} and "
                              f"{self.evaluation.seq_len} tokens): the protocol uses one seq_len")

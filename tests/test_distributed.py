@@ -88,11 +88,11 @@ def _prune_chain(take: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, torc
 
 
 def _row_solves() -> dict[str, torch.Tensor]:
-    """Row-separable solves of a 7 x 24 float32 weight (shares of 4 and 3 rows): SparseGPT at 2:4 with
+    """Row-separable solves of a 7 x 24 float64 weight (shares of 4 and 3 rows): SparseGPT at 2:4 with
     4-bit joint quantisation, and conjugate gradients on its mask (stopping on all rows' residual)."""
     generator = torch.Generator().manual_seed(5)
-    weight = torch.randn(7, 24, generator=generator)
-    x = torch.randn(200, 24, generator=generator)
+    weight = torch.randn(7, 24, generator=generator, dtype=torch.float64)
+    x = torch.randn(200, 24, generator=generator, dtype=torch.float64)
     h, rows = x.T @ x, weight.shape[0]
     with distributed.token_sharded():
         pruned = solve_rows(lambda r: sparsegpt(weight[r], h, NM(2, 4), quantizer=GroupQuantizer(4, 8)), rows, True)
@@ -159,16 +159,17 @@ def test_a_chain_pruned_by_two_ranks_matches_one_process(two_ranks: Path) -> Non
         assert torch.equal(first[name] == 0, value == 0) and _relative(first[name], value) <= 1e-10, name
 
 
-def test_row_separable_solves_split_over_two_ranks_give_the_bits_of_one_process(two_ranks: Path) -> None:
+def test_row_separable_solves_split_over_two_ranks_match_one_process(two_ranks: Path) -> None:
     """Each rank solves its share of the rows; the gathered weights, masks, grids, summed errors and
-    the conjugate-gradient iterations (stopped on every row's residual) equal one process's."""
+    the conjugate-gradient iterations (stopped on every row's residual) equal one process's, to the
+    rounding of a matrix product over fewer rows (float64)."""
     first, second = _results(two_ranks, "rows")
     single = _row_solves()
     assert single["cg_iterations"] > 1
     for name, value in single.items():
         assert torch.equal(first[name], second[name]), name
-        if name == "error":
-            assert torch.allclose(first[name], value, rtol=1e-5), name  # float32 sums in another order
+        if value.is_floating_point():
+            assert torch.allclose(first[name], value, rtol=1e-10, atol=1e-12), name
         else:
             assert torch.equal(first[name], value), name
 

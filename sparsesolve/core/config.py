@@ -128,6 +128,17 @@ class SparseLLMConfig:
             raise ValueError(f"unknown sparsellm option {unknown[0]!r}; known: {', '.join(f.name for f in dataclasses.fields(cls))}")
         return dataclasses.replace(base, **overrides)
 
+    def heldout_windows(self, windows: int) -> int:
+        """How many of ``windows`` calibration windows ``heldout_fraction`` holds out: 0 when it is 0, else
+        ``max(1, round(fraction * windows))``; a one-line error when that leaves none to fit."""
+        if self.heldout_fraction == 0:
+            return 0
+        count = max(1, round(self.heldout_fraction * windows))
+        if count >= windows:
+            raise ValueError(f"heldout_fraction {self.heldout_fraction} of {windows} calibration windows leaves none "
+                             "to fit; use more windows (--nsamples) or a smaller fraction")
+        return count
+
     def to_dict(self) -> dict[str, Any]:
         """The JSON form (reports, checkpoint manifests)."""
         return dataclasses.asdict(self)

@@ -362,15 +362,11 @@ def _split_heldout(windows: torch.Tensor, config: PruneConfig) -> tuple[torch.Te
     """The windows to fit and, under sparsellm with ``heldout_fraction`` f > 0, the held-out ones:
     ``max(1, round(f n))`` of all ranks' ``n`` windows, chosen with ``HELDOUT_SEED`` by their index in
     rank order (so any split over ranks holds out the same windows)."""
-    fraction = config.coordinator(True).heldout_fraction if config.method == "sparsellm" else 0.0
-    if fraction == 0:
+    if config.method != "sparsellm" or config.coordinator(True).heldout_fraction == 0:
         return windows, None
     counts = distributed.gather(windows.shape[0])
     total, offset = sum(counts), sum(counts[: distributed.rank() if distributed.sharded() else 0])
-    count = max(1, round(fraction * total))
-    if count >= total:
-        raise ValueError(f"heldout_fraction {fraction} of {total} calibration windows leaves none to fit; "
-                         "use more windows (--nsamples) or a smaller fraction")
+    count = config.coordinator(True).heldout_windows(total)
     chosen = torch.randperm(total, generator=torch.Generator().manual_seed(HELDOUT_SEED))[:count]
     held = torch.zeros(total, dtype=torch.bool)
     held[chosen] = True

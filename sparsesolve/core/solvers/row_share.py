@@ -7,7 +7,8 @@ only. With ``K`` ranks each solves its ``share`` of the ``m`` rows (``m / K`` ro
 ``m n^2`` work; every rank still factors the ``n x n`` Gram, as one process would), then the rows are
 all-gathered, the error and reference (sums over rows) summed. Conjugate gradients stop on the
 residual of all rows (``distributed.reduce_rows``), so the iterations are those of one process. A
-row of a matrix product does not depend on the other rows, so on CPU the split rows are the same bits.
+row of a matrix product hardly depends on the other rows computed with it: on SmolLM2 the split rows
+are the same bits; on tiny matrices the kernels may round them differently (1e-16 in float64).
 
 Solves whose rows couple (a per-layer pattern, ADMM's shared penalty) run whole on every rank.
 """
