@@ -310,8 +310,8 @@ def _prune_layers(model: nn.Module, calibration: torch.Tensor, config: PruneConf
         done = set(distributed.on_main(lambda: checkpoints.open(resume)))
     pruner = _LayerPruner(config, storage, model_dtype)
     with torch.no_grad():
-        sparsities = _allocate(model, adapter, chosen, calibration, config, storage, model_dtype, device, pruner)
         calibration, held_windows = _split_heldout(calibration, config)
+        sparsities = _allocate(model, adapter, chosen, calibration, config, storage, model_dtype, device, pruner)
         with pruner.forward_pass():
             inputs = capture_first_inputs(model, decoder[0], calibration, config.batch_size, storage, device)
             heldout = None if held_windows is None else capture_first_inputs(
