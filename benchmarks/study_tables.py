@@ -85,7 +85,8 @@ def goals_table(profile: str = "p1", scope: str = "full", folder: Path = PPL) ->
     ours = {k: r for k, r in ours.items() if r.get("allocation", "uniform") == "uniform"}   # allocation_table's
     if not ours:
         raise FileNotFoundError(f"no {profile} {scope} sparsellm runs")
-    lines = ["| pattern (run) | sparsegpt wiki / PTB | sparsellm wiki / PTB | change wiki / PTB | prune s: sparsegpt / sparsellm (ratio) |",
+    lines = ["| pattern (run) | sparsegpt wiki / PTB [/ code] | sparsellm wiki / PTB [/ code] | change "
+             "| prune s: sparsegpt / sparsellm (ratio) |",
              "|---|---:|---:|---:|---:|"]
     order = {run_name("", "", "", p).strip("_"): i for i, p in enumerate(PATTERNS)}
     for key in sorted(ours, key=lambda k: (order.get(k.split("_")[0], 99), k)):
