@@ -62,11 +62,16 @@ PROFILES = {
 }
 
 
-def run_name(profile: str, scope: str, method: str, pattern: str, tag: str = "", allocation: str = "uniform") -> str:
-    """File stem of one run, e.g. ``p1_full_sparsegpt_2-4``; ``_ALLOCATION`` appended unless uniform, then
-    ``_TAG`` for a study run (``p1_full_sparsellm_0.7_owl``)."""
+def run_name(profile: str, scope: str, method: str, pattern: str, tag: str = "", allocation: str = "uniform",
+             mask_scope: str = "row", true_sequential: bool = True) -> str:
+    """File stem of one run, e.g. ``p1_full_sparsegpt_2-4``; ``_ALLOCATION`` appended unless uniform,
+    ``_layermask`` when the sparsity is counted per layer, ``_densepass`` when a layer's linears are all
+    fitted on its dense pass, then ``_TAG`` for a study run (``p1_full_sparsellm_0.7_owl``,
+    ``p1_full_sparsegpt_0.9_layermask_densepass``)."""
     stem = f"{profile}_{scope}_{method}_{pattern.replace(':', '-').replace('%', '')}"
-    return stem + (f"_{allocation}" if allocation != "uniform" else "") + (f"_{tag}" if tag else "")
+    variants = [allocation if allocation != "uniform" else "", "layermask" if mask_scope == "layer" else "",
+                "" if true_sequential else "densepass", tag]
+    return "_".join([stem, *(v for v in variants if v)])
 
 
 def _perplexities(model: Any, tokenizer: Any, profile: Profile) -> dict[str, float]:
@@ -99,7 +104,8 @@ def dense(model_name: str, profile_name: str, out: Path) -> dict[str, Any]:
 
 
 def one(model_name: str, profile_name: str, scope: str, method: str, pattern: str, out: Path,
-        overrides: dict[str, Any], tag: str, allocation: str = "uniform") -> None:
+        overrides: dict[str, Any], tag: str, allocation: str = "uniform", mask_scope: str = "row",
+        true_sequential: bool = True) -> None:
     """Prune, evaluate and record one run (executed in its own process)."""
     from sparsesolve.config import CalibrationConfig, EvaluationConfig, RunConfig
     from sparsesolve.core.config import PruneConfig, SparseLLMConfig
@@ -111,7 +117,7 @@ def one(model_name: str, profile_name: str, scope: str, method: str, pattern: st
     meta = metadata("benchmarks.ppl_vs_sparsity", 0)  # the commit and load when the run starts
     coordinator = SparseLLMConfig.for_language_models(**overrides) if method == "sparsellm" else None
     config = PruneConfig(pattern, method=method, sparsellm=coordinator, layers="first-half" if scope == "first-half" else None,
-                         allocation=allocation)
+                         allocation=allocation, mask_scope=mask_scope, true_sequential=true_sequential)
     run = RunConfig(model_name, config, CalibrationConfig(profile.calib, profile.nsamples, profile.seq_len, seed=0),
                     EvaluationConfig(corpora=(), seq_len=profile.seq_len))  # evaluated below, non-finite recorded
     done = run_prune(run, progress=False)
@@ -128,10 +134,11 @@ def one(model_name: str, profile_name: str, scope: str, method: str, pattern: st
     for record in result.layers:
         masks = [result.masks[name] for name in record.linears]
         layer_sparsity[str(record.layer)] = sum(int((~m).sum()) for m in masks) / sum(m.numel() for m in masks)
-    write_json(run_name(profile_name, scope, method, pattern, tag, allocation), {
+    write_json(run_name(profile_name, scope, method, pattern, tag, allocation, mask_scope, true_sequential), {
         "meta": meta, "model": model_name, "profile": profile_name, "scope": scope, "method": method,
         "pattern": pattern, "calibration": vars(profile) | {"seed": 0},
-        "sparsellm_options": options, "tag": tag, "allocation": allocation,
+        "sparsellm_options": options, "tag": tag, "allocation": allocation, "mask_scope": mask_scope,
+        "true_sequential": true_sequential,
         "heldout_fraction": (options or {}).get("heldout_fraction", 0.0), "code_corpus": code_source(),
         "perplexity": ppl, "nonfinite": nonfinite, "sparsity": result.sparsity, "layer_sparsity": layer_sparsity,
         "escalations": result.escalations,
@@ -154,6 +161,10 @@ def main() -> None:
     parser.add_argument("--tag", default="", help="suffix of the run files of a study run")
     parser.add_argument("--allocation", default="uniform", choices=["uniform", "owl", "obs"],
                         help="layer-wise sparsity allocation of unstructured patterns (file stem suffix unless uniform)")
+    parser.add_argument("--mask-scope", default="row", choices=["row", "layer"],
+                        help="count an unstructured sparsity per row or per layer (file stem suffix _layermask)")
+    parser.add_argument("--dense-pass", action="store_true",
+                        help="fit every linear of a layer on its dense pass (true_sequential=False; suffix _densepass)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="runs at a time, each its own process (set OMP_NUM_THREADS so jobs x threads <= cores)")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
@@ -163,11 +174,13 @@ def main() -> None:
     if overrides and not args.tag:
         parser.error("--sparsellm-options changes the method: give the runs a --tag so they stay out of the main table")
     if args.one:
-        one(args.model, args.profile, args.scope, methods[0], patterns[0], args.out, overrides, args.tag, args.allocation)
+        one(args.model, args.profile, args.scope, methods[0], patterns[0], args.out, overrides, args.tag, args.allocation,
+            args.mask_scope, not args.dense_pass)
         return
     dense(args.model, args.profile, args.out)
-    todo = [(m, p) for m in methods for p in patterns
-            if not (args.out / f"{run_name(args.profile, args.scope, m, p, args.tag, args.allocation)}.json").exists()]
+    names = {(m, p): run_name(args.profile, args.scope, m, p, args.tag, args.allocation, args.mask_scope, not args.dense_pass)
+             for m in methods for p in patterns}
+    todo = [key for key, name in names.items() if not (args.out / f"{name}.json").exists()]
     print(f"{len(methods) * len(patterns) - len(todo)} runs done, {len(todo)} to go", flush=True)
     with ThreadPoolExecutor(max(1, args.jobs)) as pool, tqdm(total=len(todo), desc="runs", unit="run") as bar:
         futures = [pool.submit(_run, args, method, pattern) for method, pattern in todo]
@@ -181,7 +194,8 @@ def _run(args: argparse.Namespace, method: str, pattern: str) -> str:
     """One run in its own process; an error line if it failed, else ``""``."""
     command = [sys.executable, "-m", "benchmarks.ppl_vs_sparsity", "--one", "--model", args.model, "--profile",
                args.profile, "--scope", args.scope, "--methods", method, "--patterns", pattern, "--out", str(args.out),
-               "--sparsellm-options", args.sparsellm_options, "--tag", args.tag, "--allocation", args.allocation]
+               "--sparsellm-options", args.sparsellm_options, "--tag", args.tag, "--allocation", args.allocation,
+               "--mask-scope", args.mask_scope, *(["--dense-pass"] if args.dense_pass else [])]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode == 0:
         return ""

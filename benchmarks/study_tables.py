@@ -152,3 +152,37 @@ def allocation_table(profile: str = "p1", scope: str = "full", folder: Path = PP
             f"{run['perplexity'][c] / base['perplexity'][c] - 1:+.0%}" for c in shared)
         out.append(f"| {method} | {pattern} | {name} | {min(spread):.3f}-{max(spread):.3f} | {ppl} | {change} |")
     return "\n".join(out) + "\n"
+
+
+def selection_table(profile: str = "p1", scope: str = "full", folder: Path = PPL) -> str:
+    """Per method and pattern with a mask-selection variant run (``_layermask``, ``_densepass``): the
+    perplexity per corpus of each variant and its change against the default (per-row sparsity, true
+    sequence inside the layer), with the prune seconds."""
+    lines = ["| method | pattern | masks counted per | linears fitted on | perplexity ({corpora}) | change vs default "
+             "| prune s |", "|---|---|---|---|---:|---:|---:|"]
+    rows, shared = [], None
+    for method in ("sparsegpt", "sparsellm"):
+        runs = _runs(profile, scope, method, folder)
+        for pattern in PATTERNS:
+            key = run_name("", "", "", pattern).strip("_")
+            base = runs.get(key)
+            variants = [runs[f"{key}_{v}"] for v in ("layermask", "densepass", "layermask_densepass") if f"{key}_{v}" in runs]
+            if base is None or not variants or base["perplexity"] is None:
+                continue
+            for run in [base, *variants]:
+                if run["perplexity"] is None:
+                    continue
+                corpora = [c for c in base["perplexity"] if c in run["perplexity"]]
+                shared = corpora if shared is None else [c for c in shared if c in corpora]
+                rows.append((method, pattern, run, base))
+    if not rows or not shared:
+        raise FileNotFoundError(f"no {profile} {scope} runs with a mask-selection variant")
+    out = [lines[0].replace("{corpora}", " / ".join(shared)), lines[1]]
+    for method, pattern, run, base in rows:
+        ppl = " / ".join(f"{run['perplexity'][c]:.1f}" for c in shared)
+        change = "-" if run is base else " / ".join(f"{run['perplexity'][c] / base['perplexity'][c] - 1:+.0%}" for c in shared)
+        where = "layer" if run.get("mask_scope", "row") == "layer" else "row"
+        fitted = "pruned predecessors" if run.get("true_sequential", True) else "dense layer pass"
+        out.append(f"| {method} | {pattern} | {where} | {fitted} | {ppl} | {change} | "
+                   f"{run['seconds']['prune']:.0f} ({_threads(run['meta'])}) |")
+    return "\n".join(out) + "\n"

@@ -19,7 +19,7 @@ from benchmarks.bench_coordinator_scale import table as scale_table
 from benchmarks.bench_distributed import table as distributed_table
 from benchmarks.common import RESULTS
 from benchmarks.plot_ppl import table as ppl_table
-from benchmarks.study_tables import allocation_table, goals_table, heldout_table, layer_table, variant_table
+from benchmarks.study_tables import allocation_table, goals_table, heldout_table, layer_table, selection_table, variant_table
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 STUDY = Path(__file__).resolve().parent / "README.md"
@@ -127,7 +127,7 @@ TABLES = {"optimality-gap": optimality_gap_table, "solvers": solver_table, "mlp"
           "goals-full": goals_table, "export-sizes": export_table,
           "quantized": quantized_table, "ast": ast_table, "coordinator-scale": scale_table,
           "census": census_table, "distributed": distributed_table,
-          "compressed-tensors": compressed_tensors_table, "allocation": allocation_table,
+          "compressed-tensors": compressed_tensors_table, "allocation": allocation_table, "selection": selection_table,
           "goals-small": lambda: goals_table("small", "full")}
 STUDY_TABLES = {"study-variants": variant_table, "study-goals": goals_table, "study-layers": layer_table,
                 "study-heldout": heldout_table}

@@ -42,6 +42,13 @@ def test_runner_records_a_run_and_the_table_and_plot_read_it(tmp_path) -> None:
     assert abs(sum(owl["layer_sparsity"].values()) / 2 - 0.6) < 1 / 64      # rows of 64 inputs round their zeros
     table = study_tables.allocation_table("smoke", "full", results)
     assert "| sparsegpt | 0.6 | owl |" in table and "| sparsegpt | 0.6 | uniform |" in table
+    # a mask-selection variant: per-layer counting and the dense layer pass, in their own file and table
+    ppl_vs_sparsity.one(str(model), "smoke", "full", "sparsegpt", "0.6", results, {}, "", "uniform", "layer", False)
+    variant = json.loads((results / "smoke_full_sparsegpt_0.6_layermask_densepass.json").read_text())
+    assert variant["mask_scope"] == "layer" and variant["true_sequential"] is False
+    assert len(set(variant["layer_sparsity"].values())) == 1 and abs(variant["sparsity"] - 0.6) < 1e-3
+    table = study_tables.selection_table("smoke", "full", results)
+    assert "| sparsegpt | 0.6 | layer | dense layer pass |" in table and "| sparsegpt | 0.6 | row | pruned predecessors |" in table
 
 
 def test_solver_benchmark_on_real_layers(tmp_path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -10,8 +11,9 @@ from tiny_lm import VOCAB, tiny_model
 from transformers import AutoModelForCausalLM, BertConfig
 
 import sparsesolve as ss
+from benchmarks.architecture_census import tiny_config
 from sparsesolve.core.config import PruneConfig
-from sparsesolve.core.patterns import parse_pattern
+from sparsesolve.core.patterns import Unstructured, parse_pattern
 from sparsesolve.lm.adapters import get_adapter
 from sparsesolve.lm.decoder import prune_decoder, select_layers
 from sparsesolve.lm.output import OutputFolder
@@ -103,6 +105,53 @@ def test_ffn_is_pruned_on_the_pruned_attention_outputs() -> None:
         target = dense.model.layers[0].mlp(x)
         error = float(((layer.mlp(x) - target) ** 2).sum() / (target**2).sum())
     assert error == pytest.approx(result.layers[0].ffn.relative_error, rel=1e-4)
+
+
+@pytest.mark.parametrize("method", ["sparsegpt", "sparsellm"])
+def test_layer_mask_scope_counts_each_linear_and_lets_rows_differ(method: str) -> None:
+    """``mask_scope="layer"``: every pruned linear has exactly ``round(s m n)`` zeros, spread unevenly
+    over its rows (SparseGPT's per-block selection over all rows), for the attention and the FFN."""
+    result = prune_decoder(tiny_model("llama", layers=2), calibration(), PruneConfig("0.6", method=method,
+                                                                                   mask_scope="layer"), progress=False)
+    row_counts = set()
+    for mask in result.masks.values():
+        assert int((~mask).sum()) == Unstructured(0.6, "layer").n_zeros(tuple(mask.shape))
+        row_counts |= set((~mask).sum(dim=1).tolist())
+    assert len(row_counts) > 1
+
+
+@pytest.mark.parametrize("family", ["llama", "mixtral"])
+def test_without_true_sequence_every_linear_is_fitted_on_the_dense_layer(family: str) -> None:
+    """``true_sequential=False``: the FFN (or the experts) and ``o`` are pruned on the dense layer's
+    inputs, as the original SparseGPT code does; the recorded FFN error is the one on those inputs."""
+    if family == "mixtral":
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(tiny_config("mixtral")).eval()
+        windows = torch.randint(0, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+    else:
+        model, windows = tiny_model(family), calibration()
+    dense = copy.deepcopy(model)
+    config = PruneConfig("0.6", method="sparsegpt", layers=[0], true_sequential=False)
+    result = prune_decoder(model, windows, config, progress=False)
+    sequential = prune_decoder(copy.deepcopy(dense), windows, replace(config, true_sequential=True), progress=False)
+    # q, k, v see the same inputs either way; o does not
+    attention = "model.layers.0.self_attn."
+    assert torch.equal(result.masks[attention + "q_proj"], sequential.masks[attention + "q_proj"])
+    assert not torch.equal(result.masks[attention + "o_proj"], sequential.masks[attention + "o_proj"])
+    if family == "llama":
+        captured = []
+        mlp = dense.model.layers[0].mlp
+        handle = mlp.register_forward_pre_hook(lambda mod, args: captured.append(args[0].reshape(-1, args[0].shape[-1])))
+        with torch.no_grad():
+            dense(windows)
+            handle.remove()
+            x = torch.cat(captured)
+            target = mlp(x)
+            error = float(((model.model.layers[0].mlp(x) - target) ** 2).sum() / (target**2).sum())
+        assert error == pytest.approx(result.layers[0].ffn.relative_error, rel=1e-4)
+    else:
+        experts = [n for n in result.masks if ".experts" in n]
+        assert experts and any(not torch.equal(result.masks[n], sequential.masks[n]) for n in experts)
 
 
 def test_only_selected_layers_are_pruned() -> None:

@@ -20,7 +20,8 @@ if TYPE_CHECKING:
     from sparsesolve.core.patterns import Pattern
     from sparsesolve.core.quantize import GroupQuantizer
 
-__all__ = ["ALLOCATIONS", "CG_TOL", "DEFAULT_CHUNK", "LOCAL_NEWTON_STEPS", "METHODS", "REFINEMENTS", "SOLVER_NAMES", "STORAGE_DTYPES",
+__all__ = ["ALLOCATIONS", "CG_TOL", "DEFAULT_CHUNK", "LOCAL_NEWTON_STEPS", "MASK_SCOPES", "METHODS", "REFINEMENTS",
+           "SOLVER_NAMES", "STORAGE_DTYPES",
            "PruneConfig", "SparseLLMConfig", "option"]
 
 #: the per-layer solvers, one file each in ``core/solvers`` exporting a function of the same name.
@@ -38,6 +39,8 @@ CG_TOL = 3e-4
 LOCAL_NEWTON_STEPS = 1
 #: layer-wise sparsity allocations of an unstructured target (``lm/allocation.py``).
 ALLOCATIONS = ("uniform", "owl", "obs")
+#: where an unstructured sparsity is counted: in every row, or over the whole layer (``patterns.Unstructured``).
+MASK_SCOPES = ("row", "layer")
 #: tokens per chunk for per-token work: bounds the float32 copies to ``8192 x width``.
 DEFAULT_CHUNK = 8192
 #: dtypes activations may be stored in (solves are float32 or float64 regardless).
@@ -180,6 +183,11 @@ class PruneConfig:
     chunk_size: int | None = option(DEFAULT_CHUNK, "tokens per chunk of per-token work (None: all at once)")
     allocation: str = option("uniform", "sparsity per decoder layer of an unstructured target, the average kept: "
                                         "uniform, owl (outlier-weighted) or obs (error curves)", choices=ALLOCATIONS)
+    mask_scope: str = option("row", "where an unstructured sparsity is counted: 'row' (every row exactly) or "
+                                    "'layer' (rows may differ, as the original SparseGPT selects)", choices=MASK_SCOPES)
+    true_sequential: bool = option(True, "inside a decoder layer, prune each linear on the outputs of the linears "
+                                         "pruned before it (else all of them on the dense layer's pass, as the "
+                                         "original SparseGPT and Wanda code do)")
     allocation_range: float = option(0.08, "how far the layers' sparsities move: owl spans twice this (OWL's "
                                            "lambda, 0.08 for LLaMA), obs keeps each layer within this of the target")
 
@@ -189,8 +197,17 @@ class PruneConfig:
 
         if self.pattern is None:
             _fail("pattern", "give a sparsity (e.g. 0.7) or an N:M pattern (e.g. '2:4')")
+        if self.mask_scope not in MASK_SCOPES:
+            _fail("mask_scope", f"must be one of {', '.join(MASK_SCOPES)}, got {self.mask_scope!r}")
         if not isinstance(self.pattern, Pattern):
-            object.__setattr__(self, "pattern", parse_pattern(self.pattern))
+            object.__setattr__(self, "pattern", parse_pattern(self.pattern, self.mask_scope))
+        elif self.mask_scope == "layer" and hasattr(self.pattern, "scope"):
+            object.__setattr__(self, "pattern", dataclasses.replace(self.pattern, scope="layer"))
+        elif getattr(self.pattern, "scope", "row") == "layer":
+            object.__setattr__(self, "mask_scope", "layer")  # an Unstructured(s, scope="layer") says so itself
+        if self.mask_scope == "layer" and not hasattr(self.pattern, "scope"):
+            _fail("mask_scope", f"'layer' counts an unstructured sparsity over the layer; pattern {self.pattern} "
+                                "fixes every row's (use a fraction such as 0.7)")
         if self.method not in METHODS:
             _fail("method", f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.solver not in SOLVER_NAMES:
@@ -252,5 +269,6 @@ class PruneConfig:
                 "sparsellm": None if self.sparsellm is None else self.sparsellm.to_dict(),
                 "layers": self.layers if self.layers is None or isinstance(self.layers, str) else list(self.layers),
                 "batch_size": self.batch_size, "storage_dtype": self.storage_dtype, "device": self.device,
-                "chunk_size": self.chunk_size, "allocation": self.allocation,
+                "chunk_size": self.chunk_size, "allocation": self.allocation, "mask_scope": self.mask_scope,
+                "true_sequential": self.true_sequential,
                 "allocation_range": self.allocation_range}

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["DampedCholesky", "damped_cholesky", "compute_dtype_for", "check_finite"]
+__all__ = ["DampedCholesky", "damped_cholesky", "compute_dtype_for", "check_finite", "without_dead_inputs"]
 
 MAX_ESCALATIONS = 12
 
@@ -82,3 +82,17 @@ def damped_cholesky(gram: torch.Tensor, damp: float, *, check: bool = True) -> D
         factor = torch.where(failed[..., None, None], retry, factor)
         info = torch.where(failed, retry_info, info)
     return DampedCholesky(factor, lam, escalations)
+
+
+def without_dead_inputs(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A copy of ``gram`` (``n x n``) with every dead input (``H_jj <= 0``: never active on the
+    calibration tokens) decoupled: its row and column zero, its diagonal 1, so the factorisation sees
+    an identity block there; and the dead inputs as a bool vector (``n``). Their weights get no
+    information from the data: the solvers set them to zero."""
+    h = gram.clone()
+    dead = torch.diagonal(h) <= 0
+    if bool(dead.any()):
+        h[dead, :] = 0
+        h[:, dead] = 0
+        h[dead, dead] = 1
+    return h, dead

@@ -35,7 +35,7 @@ from torch import nn
 
 from sparsesolve.core import distributed
 from sparsesolve.core.config import ALLOCATIONS
-from sparsesolve.core.linalg import damped_cholesky
+from sparsesolve.core.linalg import damped_cholesky, without_dead_inputs
 from sparsesolve.lm.adapters import Adapter
 from sparsesolve.lm.layer_inputs import LayerInputs, run_layer
 
@@ -106,10 +106,7 @@ def _statistics(linears: list, grams: dict[int, torch.Tensor], grid: torch.Tenso
     scores, errors = [], torch.zeros(len(grid), dtype=torch.float64)
     for lin in linears:
         w = lin.weight.double()
-        h = grams[id(lin.module)].clone()
-        dead = torch.diagonal(h) <= 0
-        h[dead, :], h[:, dead] = 0, 0
-        h[dead, dead] = 1
+        h, _ = without_dead_inputs(grams[id(lin.module)])
         scores.append((w.abs() * torch.diagonal(h).sqrt()).reshape(-1))
         inverse_diagonal = torch.diagonal(torch.cholesky_inverse(damped_cholesky(h, damp).factor))
         saliency = torch.sort(w**2 / inverse_diagonal, dim=1).values

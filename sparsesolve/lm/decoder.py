@@ -14,7 +14,10 @@
       expert's chain on the tokens routed to it, each weighted by its router weight (fewer tokens than
       the expert's widest input: the layer-wise solver; none: magnitude);
    c. run the pruned layer to get the inputs of layer ``l + 1``.
-   Layers outside ``layers`` are only run (step c).
+   Layers outside ``layers`` are only run (step c). With ``true_sequential=False`` steps a and b take
+   every group's inputs from one pass of the dense layer before anything in it is pruned (the
+   original SparseGPT and Wanda code: later linears are fitted to the dense layer's inputs);
+   step c and the next layers still see the pruned layer.
 
 Peak memory is the model, the hidden states of every calibration token (``N x d``, twice during
 step c), the FFN inputs (``N x d``) and the FFN workspace (for sparsellm about four ``N x d_ff``
@@ -49,6 +52,7 @@ from sparsesolve.core.solvers.row_share import row_separable, solve_rows
 from sparsesolve.lm.adapters import DecoderLayerMap, get_adapter
 from sparsesolve.lm.allocation import allocate, layer_statistics, sparsity_grid
 from sparsesolve.lm.checkpoint import LayerCheckpoints
+from sparsesolve.lm.environment import release_free_memory
 from sparsesolve.lm.layer_inputs import LayerInputs, capture_first_inputs, feed, run_layer
 from sparsesolve.lm.models import check_seq_len
 from sparsesolve.lm.records import ExpertRecord, FFNRecord, LayerRecord, LinearRecord
@@ -155,14 +159,17 @@ class _LayerPruner:
         the held-out windows' inputs, whose FFN inputs go to the coordinator for its choice."""
         outcome = _LayerOutcome(None, {}, {}, {})
         solve_seconds = 0.0
-        for group in lmap.attention:
+        # with true_sequential off, every linear's inputs come from the dense layer: all captured first
+        grams = None if self.config.true_sequential else [self._attention_gram(layer, g, inputs) for g in lmap.attention]
+        tokens = held = routed = None
+        if lmap.ffn is not None and not self.config.true_sequential:
+            tokens, held = self._ffn_inputs(layer, lmap, inputs, heldout)
+        if lmap.experts is not None and not self.config.true_sequential:
+            routed = self._expert_inputs(layer, lmap, inputs)
+        for g, group in enumerate(lmap.attention):
             weight = group[0].weight
             compute = compute_dtype_for(weight)
-            # each batch's Gram in the compute dtype, their sum in float64 (streaming.accumulate's rule)
-            total = torch.zeros(weight.shape[1], weight.shape[1], dtype=torch.float64, device=weight.device)
-            self._timed_feed(layer, group[0].module, inputs, lambda x, c=compute, g=total: g.add_(x.to(c).T @ x.to(c)))
-            gram = distributed.reduce(total).to(compute)
-            del total
+            gram = self._attention_gram(layer, group, inputs) if grams is None else grams[g]
             for lin in group:
                 sol = solve_rows(lambda rows, w=lin.weight: self.attention_solver(
                     w[rows], gram, self.config.pattern, compute_dtype=compute, **self.solve_options),
@@ -172,34 +179,56 @@ class _LayerPruner:
                 solve_seconds += sol.seconds
         ffn = None
         if lmap.ffn is not None:
-            parts: list[torch.Tensor] = []
-            self._timed_feed(layer, lmap.ffn_input, inputs, lambda x: parts.append(x.to(self.storage)))
-            tokens = torch.cat(parts)
-            parts.clear()                       # the batches are not held twice while the FFN is pruned
-            held = None
-            if heldout is not None:
-                self._timed_feed(layer, lmap.ffn_input, heldout, lambda x: parts.append(x.to(self.storage)))
-                held = torch.cat(parts) if parts else tokens.new_zeros(0, tokens.shape[1])
-                parts.clear()
+            if tokens is None:
+                tokens, held = self._ffn_inputs(layer, lmap, inputs, heldout)
             result = prune_chain(lmap.ffn, tokens, self.config, language_model=True, heldout=held)
             del tokens
             outcome.add_chain(lmap.ffn, result)
             ffn, solve_seconds = FFNRecord.from_chain(result), solve_seconds + result.seconds
         experts: list[ExpertRecord] = []
         if lmap.experts is not None:
-            calls: list[tuple[torch.Tensor, ...]] = []
-            self._timed_feed(layer, lmap.experts.module, inputs,
-                             lambda args: calls.append((args[0].to(self.storage), *args[1:3])), every_argument=True)
-            hidden, index, weights = (torch.cat([c[i] for c in calls]) for i in range(3))
-            calls.clear()
+            hidden, index, weights = self._expert_inputs(layer, lmap, inputs) if routed is None else routed
             for e, chain in enumerate(lmap.experts.chains):
                 rows, slot = torch.nonzero(index == e, as_tuple=True)
-                result, method, routed = self._prune_expert(chain, hidden[rows], weights[rows, slot])
+                result, method, count = self._prune_expert(chain, hidden[rows], weights[rows, slot])
                 outcome.add_chain(chain, result)
-                experts.append(ExpertRecord.from_chain(e, routed, method, result))
+                experts.append(ExpertRecord.from_chain(e, count, method, result))
                 solve_seconds += result.seconds
         outcome.record = LayerRecord(index, outcome.linears, ffn, solve_seconds, experts)
         return outcome
+
+    def _attention_gram(self, layer: nn.Module, group: list[LinearMap], inputs: LayerInputs) -> torch.Tensor:
+        """``X^T X`` of the inputs of an attention group (the layer as it stands), over every rank's tokens."""
+        weight = group[0].weight
+        compute = compute_dtype_for(weight)
+        # each batch's Gram in the compute dtype, their sum in float64 (streaming.accumulate's rule)
+        total = torch.zeros(weight.shape[1], weight.shape[1], dtype=torch.float64, device=weight.device)
+        self._timed_feed(layer, group[0].module, inputs, lambda x: total.add_(x.to(compute).T @ x.to(compute)))
+        return distributed.reduce(total).to(compute)
+
+    def _ffn_inputs(self, layer: nn.Module, lmap: DecoderLayerMap, inputs: LayerInputs,
+                    heldout: LayerInputs | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The FFN's input tokens (``N x d``, storage dtype) and the held-out windows' (None without them)."""
+        parts: list[torch.Tensor] = []
+        self._timed_feed(layer, lmap.ffn_input, inputs, lambda x: parts.append(x.to(self.storage)))
+        tokens = torch.cat(parts)
+        parts.clear()                       # the batches are not held twice while the FFN is pruned
+        held = None
+        if heldout is not None:
+            self._timed_feed(layer, lmap.ffn_input, heldout, lambda x: parts.append(x.to(self.storage)))
+            held = torch.cat(parts) if parts else tokens.new_zeros(0, tokens.shape[1])
+        return tokens, held
+
+    def _expert_inputs(self, layer: nn.Module, lmap: DecoderLayerMap,
+                       inputs: LayerInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The experts' inputs: hidden states (``N x d``, storage dtype), the router's choices and weights
+        (``N x k`` each)."""
+        assert lmap.experts is not None
+        calls: list[tuple[torch.Tensor, ...]] = []
+        self._timed_feed(layer, lmap.experts.module, inputs,
+                         lambda args: calls.append((args[0].to(self.storage), *args[1:3])), every_argument=True)
+        hidden, index, weights = (torch.cat([c[i] for c in calls]) for i in range(3))
+        return hidden, index, weights
 
     def _prune_expert(self, chain: Chain, tokens: torch.Tensor, weights: torch.Tensor) -> tuple[ChainResult, str, int]:
         """One expert on the tokens routed to it, each weighted by its router weight; with fewer tokens
@@ -349,6 +378,7 @@ def _prune_layers(model: nn.Module, calibration: torch.Tensor, config: PruneConf
                         batches.hidden = [run_layer(layer, h, kw, model_dtype).to(storage)
                                           for h, kw in zip(batches.hidden, batches.kwargs)]
             layer.to(home)
+            release_free_memory()
     result.seconds, result.forward_seconds = time.perf_counter() - started, pruner.forward_seconds
     result.resumed_layers = sorted(done & set(chosen))
     return result

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from sparsesolve.core.linalg import DampedCholesky, check_finite, compute_dtype_for, damped_cholesky
+from sparsesolve.core.linalg import DampedCholesky, check_finite, compute_dtype_for, damped_cholesky, without_dead_inputs
 from sparsesolve.core.quantize import QuantizationGrid
 
 __all__ = ["LayerProblem", "LayerSolution", "reconstruction_error"]
@@ -80,12 +80,7 @@ class LayerProblem:
             raise ValueError(f"target cross-covariance T X^T must be {m} x {n}, got {tuple(target.shape)}")
         dtype = compute_dtype_for(weight, compute_dtype)
         check_finite("weight", weight)
-        h = gram.to(dtype).clone()
-        dead = torch.diagonal(h) <= 0
-        if bool(dead.any()):
-            h[dead, :] = 0
-            h[:, dead] = 0
-            h[dead, dead] = 1
+        h, dead = without_dead_inputs(gram.to(dtype))
         chol = damped_cholesky(h, damp)
         if target is None:
             w_star = weight.to(dtype).clone()
