@@ -9,8 +9,9 @@ import torch
 from conftest import correlated_inputs, random_weight
 
 from sparsesolve.core.patterns import NM, Unstructured
+from sparsesolve.core.quantize import GroupQuantizer
 from sparsesolve.core.reference import brute_force, random_problem
-from sparsesolve.core.solvers import SOLVERS, admm, get_solver, magnitude, reconstruction_error, refit, sparsegpt, wanda
+from sparsesolve.core.solvers import SOLVERS, LayerProblem, admm, get_solver, magnitude, reconstruction_error, refit, sparsegpt, wanda
 
 PATTERNS = [Unstructured(0.5), Unstructured(0.75), Unstructured(0.6, "layer"), NM(2, 4), NM(4, 8), NM(3, 4)]
 
@@ -143,6 +144,21 @@ def test_wanda_and_magnitude_scores() -> None:
     assert magnitude(w, h, Unstructured(0.5)).mask.tolist() == [[False, True, True, False]]
     assert wanda(w, h, Unstructured(0.5)).mask.tolist() == [[True, False, True, False]]
     assert magnitude(w, None, Unstructured(0.5)).error == pytest.approx(1.0**2 + 0.5**2)
+
+
+@pytest.mark.parametrize("quantize", [False, True])
+@pytest.mark.parametrize("pattern", [Unstructured(0.6), NM(2, 4), Unstructured(0.7, "layer")], ids=str)
+def test_sparsegpt_error_from_its_column_errors_equals_the_direct_product(pattern: object, quantize: bool) -> None:
+    """SparseGPT reports ``||E||^2 - lam ||W - W*||^2`` (its column errors, no ``m n^2`` product): equal
+    to ``tr((W - W*) H (W - W*)^T)`` in float64, with a target, damping and a dead input."""
+    x = correlated_inputs(64, 32, seed=3)
+    x[:, 5] = 0
+    w, h = random_weight(12, 32, seed=3), x.T @ x
+    target = random_weight(12, 32, seed=4) @ h                     # C = T X^T for T = W' X
+    quantizer = GroupQuantizer(4, 16) if quantize else None
+    result = sparsegpt(w, h, pattern, target=target, damp=0.05, quantizer=quantizer)
+    problem = LayerProblem.build(w, h, target=target, damp=0.05)
+    assert result.error == pytest.approx(reconstruction_error(result.weight, problem.w_star, problem.gram), rel=1e-9)
 
 
 @pytest.mark.parametrize("name", list(SOLVERS))

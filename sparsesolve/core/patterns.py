@@ -27,13 +27,15 @@ def round_half_up(x: float) -> int:
     return int(math.floor(x + 0.5 + 1e-9))
 
 
-def keep_largest(scores: torch.Tensor, n_zeros: int | torch.Tensor, dim: int = -1) -> torch.Tensor:
+def keep_largest(scores: torch.Tensor, n_zeros: int | torch.Tensor, dim: int = -1, check: bool = True) -> torch.Tensor:
     """Boolean mask keeping all but the ``n_zeros`` smallest entries of ``scores`` along ``dim``.
 
     ``n_zeros`` is an int (same count for every slice) or an integer tensor broadcastable to the
     other dimensions (one count per slice). Ties are broken by position, deterministically.
+    ``check``: refuse NaN or Inf scores (one host synchronisation); a solver's inner loop passes False
+    and checks its result once instead.
     """
-    if not torch.isfinite(scores).all():
+    if check and not torch.isfinite(scores).all():
         raise ValueError("scores contain NaN or Inf: check the weight and calibration statistics")
     rank = torch.argsort(torch.argsort(scores, dim=dim, stable=True), dim=dim)
     if isinstance(n_zeros, torch.Tensor):

@@ -11,10 +11,16 @@ With a ``quantizer`` (joint sparsification and quantisation, as SparseGPT does i
 rounded to the quantisation grid of its row and group (0 stays exactly 0), so the quantisation error
 is compensated by the same update as the pruning error.
 
+The final weight is ``W* - E U`` with ``E`` the matrix of the columns' ``err``, so its error in the
+damped metric is free: ``(W - W*) Hd (W - W*)^T = E U Hd U^T E^T = E E^T`` (``Hd = U^-1 U^-T``), and
+``||(W - W*) X||^2 = ||E||^2 - lam ||W - W*||^2`` needs no ``m x n x n`` product (used when the
+factor of ``Hd^{-1}`` needed no extra damping, the direct product otherwise).
+
 The mask is chosen by the OBS saliency ``w^2 / U_jj^2`` of the current (already updated) weights:
 once per block of columns for unstructured patterns (exact cumulative counts, per row or over the
 block), and at the start of each group of ``m`` columns for N:M. Updates to the columns right of a
-block are deferred and applied as one matrix product when the block is done.
+block are deferred and applied as one matrix product when the block is done. The loop never waits
+for the device: non-finite values are caught once, in the returned weight (``LayerProblem.solution``).
 """
 
 from __future__ import annotations
@@ -57,12 +63,16 @@ def sparsegpt(
     upper = inv_chol.factor.T.contiguous()
     if isinstance(pattern, NM):
         blocksize = max(pattern.m, blocksize // pattern.m * pattern.m)
-    w, mask = _obs_pass(problem.w_star, upper, pattern, blocksize)
+    w, mask, squared = _obs_pass(problem.w_star, upper, pattern, blocksize)
     if quantizer is not None:
         grids = [quantizer.params(w[:, first : first + quantizer.groupsize])
                  for first in range(0, w.shape[1], quantizer.groupsize)]
-        w, _ = _obs_pass(problem.w_star, upper, pattern, blocksize, mask, quantizer, grids)
-    solution = problem.solution(w, mask, escalations=inv_chol.escalations)
+        w, _, squared = _obs_pass(problem.w_star, upper, pattern, blocksize, mask, quantizer, grids)
+    error = None
+    if inv_chol.escalations == 0:  # U^T U is Hd^{-1} itself: the error identity holds
+        delta = w.masked_fill(~mask, 0.0) - problem.w_star
+        error = float(squared - problem.cholesky.lam.to(torch.float64) * (delta.double() ** 2).sum())
+    solution = problem.solution(w, mask, escalations=inv_chol.escalations, error=error)
     if quantizer is not None:
         solution.grid = quantizer.grid(grids)
     return solution
@@ -70,12 +80,14 @@ def sparsegpt(
 
 def _obs_pass(w_star: torch.Tensor, upper: torch.Tensor, pattern: Pattern, blocksize: int,
               fixed: torch.Tensor | None = None, quantizer: GroupQuantizer | None = None,
-              grids: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+              grids: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One blocked OBS pass (module docstring); ``fixed``: keep this mask instead of choosing one;
-    ``quantizer`` and ``grids`` (per group ``(scale, zero)``): round the kept weights to the grid."""
+    ``quantizer`` and ``grids`` (per group ``(scale, zero)``): round the kept weights to the grid.
+    Returns the weight, the mask and ``||E||^2`` (float64, 0-d; no host synchronisation)."""
     rows, cols = w_star.shape
     w = w_star.clone()
     mask = torch.ones_like(w, dtype=torch.bool) if fixed is None else fixed
+    squared = torch.zeros((), dtype=torch.float64, device=w.device)
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         block = w[:, i1:i2].clone()
@@ -88,7 +100,7 @@ def _obs_pass(w_star: torch.Tensor, upper: torch.Tensor, pattern: Pattern, block
         for j in range(i2 - i1):
             if fixed is None and isinstance(pattern, NM) and j % pattern.m == 0:
                 group = slice(j, j + pattern.m)
-                block_mask[:, group] = keep_largest(block[:, group] ** 2 / diag[group] ** 2, pattern.n, dim=1)
+                block_mask[:, group] = keep_largest(block[:, group] ** 2 / diag[group] ** 2, pattern.n, dim=1, check=False)
             column = block[:, j]
             kept = torch.where(block_mask[:, j], column, torch.zeros((), dtype=column.dtype, device=column.device))
             if quantizer is not None and grids is not None:
@@ -100,7 +112,8 @@ def _obs_pass(w_star: torch.Tensor, upper: torch.Tensor, pattern: Pattern, block
             errors[:, j] = err
         w[:, i1:i2] = block
         w[:, i2:] -= errors @ upper[i1:i2, i2:]
-    return w, mask
+        squared += (errors.double() ** 2).sum()
+    return w, mask, squared
 
 
 def _unstructured_block_mask(
@@ -109,5 +122,5 @@ def _unstructured_block_mask(
     """Mask for columns ``[i1, i2)``: the cumulative share of the zeros, lowest scores pruned."""
     zeros = pattern.zeros_before(shape, i2) - pattern.zeros_before(shape, i1)
     if pattern.scope == "layer":
-        return keep_largest(scores.reshape(-1), zeros).reshape(scores.shape)
-    return keep_largest(scores, zeros, dim=1)
+        return keep_largest(scores.reshape(-1), zeros, check=False).reshape(scores.shape)
+    return keep_largest(scores, zeros, dim=1, check=False)
