@@ -154,6 +154,19 @@ def test_without_true_sequence_every_linear_is_fitted_on_the_dense_layer(family:
         assert experts and any(not torch.equal(result.masks[n], sequential.masks[n]) for n in experts)
 
 
+def test_layer_offload_moves_one_decoder_layer_at_a_time_and_back() -> None:
+    """``device=``: each decoder layer goes to the device for its turn (pruned or only run) and back
+    home before the next one goes, in order; nothing else of the model is moved."""
+    model = tiny_model("llama", layers=3)
+    moves: list[tuple[str, str]] = []
+    for i, layer in enumerate(model.model.layers):
+        original = layer.to
+        layer.to = lambda device, i=i, original=original: (moves.append((i, str(device))), original(device))[1]
+    model.to = lambda *a, **k: pytest.fail("the whole model was moved")
+    prune_decoder(model, calibration(), PruneConfig("0.5", method="sparsegpt", layers=[1], device="cpu"), progress=False)
+    assert moves == [(0, "cpu"), (0, "cpu"), (1, "cpu"), (1, "cpu")]      # layer 2 is past the last pruned one
+
+
 def test_only_selected_layers_are_pruned() -> None:
     model = tiny_model("opt", layers=3)
     before = copy.deepcopy(model)
