@@ -122,35 +122,47 @@ def layer_table(profile: str = "p1", scope: str = "full", folder: Path = PPL) ->
     return "\n".join(lines) + "\n"
 
 
-def allocation_table(profile: str = "p1", scope: str = "full", folder: Path = PPL) -> str:
-    """Per method and unstructured pattern with an allocation run: perplexity per corpus under each
-    allocation, and the change against uniform (the sparsities' spread in brackets)."""
-    lines = ["| method | pattern | allocation | layer sparsity min-max | perplexity (" "{corpora}) | change vs uniform |",
-             "|---|---|---|---|---:|---:|"]
+def _against_base(profile: str, scope: str, folder: Path, suffixes: tuple[str, ...]) -> tuple[list[tuple], list[str]]:
+    """Per method and pattern that has a run with one of ``suffixes`` (``owl``, ``layermask``, ...): the
+    rows ``(method, pattern, name, run, base)``, the plain run first (name ``""``) then each variant, and
+    the corpora every listed run was scored on. Runs without perplexities are left out."""
     rows, shared = [], None
     for method in ("sparsegpt", "sparsellm"):
         runs = _runs(profile, scope, method, folder)
         for pattern in PATTERNS:
             key = run_name("", "", "", pattern).strip("_")
             base = runs.get(key)
-            variants = [(name, runs[f"{key}_{name}"]) for name in ("owl", "obs") if f"{key}_{name}" in runs]
+            variants = [(name, runs[f"{key}_{name}"]) for name in suffixes if f"{key}_{name}" in runs]
             if base is None or not variants or base["perplexity"] is None:
                 continue
-            for name, run in [("uniform", base), *variants]:
+            for name, run in [("", base), *variants]:
                 if run["perplexity"] is None:
                     continue
                 corpora = [c for c in base["perplexity"] if c in run["perplexity"]]
                 shared = corpora if shared is None else [c for c in shared if c in corpora]
-                rows.append((method, pattern, name, run, base, corpora))
+                rows.append((method, pattern, name, run, base))
+    return rows, shared or []
+
+
+def _perplexity_cells(run: dict, base: dict, corpora: list[str]) -> tuple[str, str]:
+    """``run``'s perplexities over ``corpora`` and their change against ``base`` ("-" for the base itself)."""
+    ppl = " / ".join(f"{run['perplexity'][c]:.1f}" for c in corpora)
+    change = "-" if run is base else " / ".join(f"{run['perplexity'][c] / base['perplexity'][c] - 1:+.0%}" for c in corpora)
+    return ppl, change
+
+
+def allocation_table(profile: str = "p1", scope: str = "full", folder: Path = PPL) -> str:
+    """Per method and unstructured pattern with an allocation run: perplexity per corpus under each
+    allocation, and the change against uniform (the sparsities' spread in brackets)."""
+    rows, shared = _against_base(profile, scope, folder, ("owl", "obs"))
     if not rows:
         raise FileNotFoundError(f"no {profile} {scope} runs with an allocation")
-    out = [lines[0].replace("{corpora}", " / ".join(shared)), lines[1]]
-    for method, pattern, name, run, base, _ in rows:
+    out = [f"| method | pattern | allocation | layer sparsity min-max | perplexity ({' / '.join(shared)}) | change vs uniform |",
+           "|---|---|---|---|---:|---:|"]
+    for method, pattern, name, run, base in rows:
         spread = run["layer_sparsity"].values()
-        ppl = " / ".join(f"{run['perplexity'][c]:.1f}" for c in shared)
-        change = "-" if name == "uniform" else " / ".join(
-            f"{run['perplexity'][c] / base['perplexity'][c] - 1:+.0%}" for c in shared)
-        out.append(f"| {method} | {pattern} | {name} | {min(spread):.3f}-{max(spread):.3f} | {ppl} | {change} |")
+        ppl, change = _perplexity_cells(run, base, shared)
+        out.append(f"| {method} | {pattern} | {name or 'uniform'} | {min(spread):.3f}-{max(spread):.3f} | {ppl} | {change} |")
     return "\n".join(out) + "\n"
 
 
@@ -158,29 +170,13 @@ def selection_table(profile: str = "p1", scope: str = "full", folder: Path = PPL
     """Per method and pattern with a mask-selection variant run (``_layermask``, ``_densepass``): the
     perplexity per corpus of each variant and its change against the default (per-row sparsity, true
     sequence inside the layer), with the prune seconds."""
-    lines = ["| method | pattern | masks counted per | linears fitted on | perplexity ({corpora}) | change vs default "
-             "| prune s |", "|---|---|---|---|---:|---:|---:|"]
-    rows, shared = [], None
-    for method in ("sparsegpt", "sparsellm"):
-        runs = _runs(profile, scope, method, folder)
-        for pattern in PATTERNS:
-            key = run_name("", "", "", pattern).strip("_")
-            base = runs.get(key)
-            variants = [runs[f"{key}_{v}"] for v in ("layermask", "densepass", "layermask_densepass") if f"{key}_{v}" in runs]
-            if base is None or not variants or base["perplexity"] is None:
-                continue
-            for run in [base, *variants]:
-                if run["perplexity"] is None:
-                    continue
-                corpora = [c for c in base["perplexity"] if c in run["perplexity"]]
-                shared = corpora if shared is None else [c for c in shared if c in corpora]
-                rows.append((method, pattern, run, base))
+    rows, shared = _against_base(profile, scope, folder, ("layermask", "densepass", "layermask_densepass"))
     if not rows or not shared:
         raise FileNotFoundError(f"no {profile} {scope} runs with a mask-selection variant")
-    out = [lines[0].replace("{corpora}", " / ".join(shared)), lines[1]]
-    for method, pattern, run, base in rows:
-        ppl = " / ".join(f"{run['perplexity'][c]:.1f}" for c in shared)
-        change = "-" if run is base else " / ".join(f"{run['perplexity'][c] / base['perplexity'][c] - 1:+.0%}" for c in shared)
+    out = [f"| method | pattern | masks counted per | linears fitted on | perplexity ({' / '.join(shared)}) "
+           "| change vs default | prune s |", "|---|---|---|---|---:|---:|---:|"]
+    for method, pattern, _, run, base in rows:
+        ppl, change = _perplexity_cells(run, base, shared)
         where = "layer" if run.get("mask_scope", "row") == "layer" else "row"
         fitted = "pruned predecessors" if run.get("true_sequential", True) else "dense layer pass"
         out.append(f"| {method} | {pattern} | {where} | {fitted} | {ppl} | {change} | "

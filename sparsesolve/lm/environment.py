@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import platform
 import resource
@@ -84,12 +85,18 @@ def release_free_memory() -> bool:
     fit those holes, so without the trim they add to its peak. Measured on SmolLM2 with two token-sharded
     ranks: README, "Beyond one device". A no-op (False) where the C library has no ``malloc_trim``.
     """
-    name = ctypes.util.find_library("c")
-    try:
-        trim = ctypes.CDLL(name).malloc_trim if name else None
-    except (OSError, AttributeError):
-        trim = None
+    trim = _malloc_trim()
     if trim is None:
         return False
     trim(0)
     return True
+
+
+@functools.cache
+def _malloc_trim() -> Any:
+    """The C library's ``malloc_trim``, looked up once (``find_library`` runs a subprocess), or None."""
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        return None
