@@ -23,7 +23,7 @@ import math
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -63,14 +63,17 @@ PROFILES = {
 
 
 def run_name(profile: str, scope: str, method: str, pattern: str, tag: str = "", allocation: str = "uniform",
-             mask_scope: str = "row", true_sequential: bool = True) -> str:
+             mask_scope: str = "row", true_sequential: bool = True, solver: str = "sparsegpt", calib: str = "") -> str:
     """File stem of one run, e.g. ``p1_full_sparsegpt_2-4``; ``_ALLOCATION`` appended unless uniform,
     ``_layermask`` when the sparsity is counted per layer, ``_densepass`` when a layer's linears are all
-    fitted on its dense pass, then ``_TAG`` for a study run (``p1_full_sparsellm_0.7_owl``,
-    ``p1_full_sparsegpt_0.9_layermask_densepass``)."""
+    fitted on its dense pass, ``_SOLVER`` when sparsellm's inner solver is not sparsegpt,
+    ``_calib-A+B`` when the calibration corpora are not the profile's, then ``_TAG`` for a study run
+    (``p1_full_sparsellm_0.7_owl``, ``p1_full_sparsegpt_0.9_layermask_densepass``,
+    ``small_full_sparsellm_0.7_calib-wiki+ptb``)."""
     stem = f"{profile}_{scope}_{method}_{pattern.replace(':', '-').replace('%', '')}"
     variants = [allocation if allocation != "uniform" else "", "layermask" if mask_scope == "layer" else "",
-                "" if true_sequential else "densepass", tag]
+                "" if true_sequential else "densepass", solver if method == "sparsellm" and solver != "sparsegpt" else "",
+                f"calib-{calib.replace(',', '+')}" if calib else "", tag]
     return "_".join([stem, *(v for v in variants if v)])
 
 
@@ -105,19 +108,20 @@ def dense(model_name: str, profile_name: str, out: Path) -> dict[str, Any]:
 
 def one(model_name: str, profile_name: str, scope: str, method: str, pattern: str, out: Path,
         overrides: dict[str, Any], tag: str, allocation: str = "uniform", mask_scope: str = "row",
-        true_sequential: bool = True) -> None:
-    """Prune, evaluate and record one run (executed in its own process)."""
+        true_sequential: bool = True, solver: str = "sparsegpt", calib: str = "") -> None:
+    """Prune, evaluate and record one run (executed in its own process); ``calib`` replaces the profile's
+    calibration corpora (comma-separated) when given."""
     from sparsesolve.config import CalibrationConfig, EvaluationConfig, RunConfig
     from sparsesolve.core.config import PruneConfig, SparseLLMConfig
     from sparsesolve.lm.corpora import code_source
     from sparsesolve.lm.environment import peak_memory_mb
     from sparsesolve.pipeline import run_prune
 
-    profile = PROFILES[profile_name]
+    profile = replace(PROFILES[profile_name], calib=calib or PROFILES[profile_name].calib)
     meta = metadata("benchmarks.ppl_vs_sparsity", 0)  # the commit and load when the run starts
     coordinator = SparseLLMConfig.for_language_models(**overrides) if method == "sparsellm" else None
     config = PruneConfig(pattern, method=method, sparsellm=coordinator, layers="first-half" if scope == "first-half" else None,
-                         allocation=allocation, mask_scope=mask_scope, true_sequential=true_sequential)
+                         allocation=allocation, mask_scope=mask_scope, true_sequential=true_sequential, solver=solver)
     run = RunConfig(model_name, config, CalibrationConfig(profile.calib, profile.nsamples, profile.seq_len, seed=0),
                     EvaluationConfig(corpora=(), seq_len=profile.seq_len))  # evaluated below, non-finite recorded
     done = run_prune(run, progress=False)
@@ -134,11 +138,11 @@ def one(model_name: str, profile_name: str, scope: str, method: str, pattern: st
     for record in result.layers:
         masks = [result.masks[name] for name in record.linears]
         layer_sparsity[str(record.layer)] = sum(int((~m).sum()) for m in masks) / sum(m.numel() for m in masks)
-    write_json(run_name(profile_name, scope, method, pattern, tag, allocation, mask_scope, true_sequential), {
+    write_json(run_name(profile_name, scope, method, pattern, tag, allocation, mask_scope, true_sequential, solver, calib), {
         "meta": meta, "model": model_name, "profile": profile_name, "scope": scope, "method": method,
         "pattern": pattern, "calibration": vars(profile) | {"seed": 0},
         "sparsellm_options": options, "tag": tag, "allocation": allocation, "mask_scope": mask_scope,
-        "true_sequential": true_sequential,
+        "true_sequential": true_sequential, "solver": solver if method == "sparsellm" else method,
         "heldout_fraction": (options or {}).get("heldout_fraction", 0.0), "code_corpus": code_source(),
         "perplexity": ppl, "nonfinite": nonfinite, "sparsity": result.sparsity, "layer_sparsity": layer_sparsity,
         "escalations": result.escalations,
@@ -165,6 +169,10 @@ def main() -> None:
                         help="count an unstructured sparsity per row or per layer (file stem suffix _layermask)")
     parser.add_argument("--dense-pass", action="store_true",
                         help="fit every linear of a layer on its dense pass (true_sequential=False; suffix _densepass)")
+    parser.add_argument("--solver", default="sparsegpt", choices=["sparsegpt", "admm", "wanda", "magnitude"],
+                        help="sparsellm's per-layer solver (file stem suffix unless sparsegpt)")
+    parser.add_argument("--calib", default="",
+                        help="calibration corpora, comma-separated, instead of the profile's (suffix _calib-A+B)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="runs at a time, each its own process (set OMP_NUM_THREADS so jobs x threads <= cores)")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
@@ -175,10 +183,11 @@ def main() -> None:
         parser.error("--sparsellm-options changes the method: give the runs a --tag so they stay out of the main table")
     if args.one:
         one(args.model, args.profile, args.scope, methods[0], patterns[0], args.out, overrides, args.tag, args.allocation,
-            args.mask_scope, not args.dense_pass)
+            args.mask_scope, not args.dense_pass, args.solver, args.calib)
         return
     dense(args.model, args.profile, args.out)
-    names = {(m, p): run_name(args.profile, args.scope, m, p, args.tag, args.allocation, args.mask_scope, not args.dense_pass)
+    names = {(m, p): run_name(args.profile, args.scope, m, p, args.tag, args.allocation, args.mask_scope, not args.dense_pass,
+                              args.solver, args.calib)
              for m in methods for p in patterns}
     todo = [key for key, name in names.items() if not (args.out / f"{name}.json").exists()]
     print(f"{len(methods) * len(patterns) - len(todo)} runs done, {len(todo)} to go", flush=True)
@@ -195,7 +204,8 @@ def _run(args: argparse.Namespace, method: str, pattern: str) -> str:
     command = [sys.executable, "-m", "benchmarks.ppl_vs_sparsity", "--one", "--model", args.model, "--profile",
                args.profile, "--scope", args.scope, "--methods", method, "--patterns", pattern, "--out", str(args.out),
                "--sparsellm-options", args.sparsellm_options, "--tag", args.tag, "--allocation", args.allocation,
-               "--mask-scope", args.mask_scope, *(["--dense-pass"] if args.dense_pass else [])]
+               "--mask-scope", args.mask_scope, *(["--dense-pass"] if args.dense_pass else []), "--solver", args.solver,
+               "--calib", args.calib]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode == 0:
         return ""

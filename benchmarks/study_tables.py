@@ -90,7 +90,8 @@ def goals_table(profile: str = "p1", scope: str = "full", folder: Path = PPL) ->
              "|---|---:|---:|---:|---:|"]
     order = {run_name("", "", "", p).strip("_"): i for i, p in enumerate(PATTERNS)}
     for key in sorted(ours, key=lambda k: (order.get(k.split("_")[0], 99), k)):
-        run, ref = ours[key], theirs.get(key.split("_")[0])
+        # a sparsegpt run with the same variant (e.g. ``_calib-wiki+ptb``) when there is one, else the plain one
+        run, ref = ours[key], theirs.get(key, theirs.get(key.split("_")[0]))
         if ref is None or run["perplexity"] is None or ref["perplexity"] is None:
             continue
         corpora = [c for c in ref["perplexity"] if c in run["perplexity"]]
