@@ -79,6 +79,16 @@ def _runs(profile: str, scope: str, method: str, folder: Path) -> dict[str, dict
     return {p.stem[len(prefix):]: json.loads(p.read_text()) for p in sorted(folder.glob(f"{prefix}*.json"))}
 
 
+def _reference_run(key: str, run: dict, theirs: dict[str, dict]) -> dict | None:
+    """The sparsegpt run a sparsellm run (file suffix ``key``) is compared with: the one with the same
+    suffix when there is one, else the plainest one of the same pattern calibrated on the same corpora."""
+    if key in theirs:
+        return theirs[key]
+    calib = run["calibration"].get("calib")
+    same = [k for k, r in theirs.items() if k.split("_")[0] == key.split("_")[0] and r["calibration"].get("calib") == calib]
+    return theirs[min(same, key=len)] if same else None
+
+
 def goals_table(profile: str = "p1", scope: str = "full", folder: Path = PPL) -> str:
     """sparsellm vs sparsegpt per pattern: wiki / PTB perplexity, change, prune seconds and their ratio."""
     ours, theirs = _runs(profile, scope, "sparsellm", folder), _runs(profile, scope, "sparsegpt", folder)
@@ -90,8 +100,7 @@ def goals_table(profile: str = "p1", scope: str = "full", folder: Path = PPL) ->
              "|---|---:|---:|---:|---:|"]
     order = {run_name("", "", "", p).strip("_"): i for i, p in enumerate(PATTERNS)}
     for key in sorted(ours, key=lambda k: (order.get(k.split("_")[0], 99), k)):
-        # a sparsegpt run with the same variant (e.g. ``_calib-wiki+ptb``) when there is one, else the plain one
-        run, ref = ours[key], theirs.get(key, theirs.get(key.split("_")[0]))
+        run, ref = ours[key], _reference_run(key, ours[key], theirs)
         if ref is None or run["perplexity"] is None or ref["perplexity"] is None:
             continue
         corpora = [c for c in ref["perplexity"] if c in run["perplexity"]]

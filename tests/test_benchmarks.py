@@ -49,6 +49,16 @@ def test_runner_records_a_run_and_the_table_and_plot_read_it(tmp_path) -> None:
     assert len(set(variant["layer_sparsity"].values())) == 1 and abs(variant["sparsity"] - 0.6) < 1e-3
     table = study_tables.selection_table("smoke", "full", results)
     assert "| sparsegpt | 0.6 | layer | dense layer pass |" in table and "| sparsegpt | 0.6 | row | pruned predecessors |" in table
+    # mixed calibration corpora and sparsellm's inner solver: their own files, compared with sparsegpt on the same corpora
+    ppl_vs_sparsity.one(str(model), "smoke", "full", "sparsegpt", "0.6", results, {}, "", calib="wiki,ptb")
+    ppl_vs_sparsity.one(str(model), "smoke", "full", "sparsellm", "0.6", results, {}, "", solver="wanda", calib="wiki,ptb")
+    mixed = json.loads((results / "smoke_full_sparsegpt_0.6_calib-wiki+ptb.json").read_text())
+    inner = json.loads((results / "smoke_full_sparsellm_0.6_wanda_calib-wiki+ptb.json").read_text())
+    assert mixed["calibration"]["calib"] == inner["calibration"]["calib"] == "wiki,ptb" and inner["solver"] == "wanda"
+    plain = json.loads((results / "smoke_full_sparsegpt_0.6.json").read_text())
+    assert mixed["perplexity"] != plain["perplexity"]     # other calibration windows, another pruned model
+    row = f"| 0.6 (0.6_wanda_calib-wiki+ptb) | {mixed['perplexity']['wiki']:.1f} / "
+    assert row in study_tables.goals_table("smoke", "full", results)
 
 
 def test_solver_benchmark_on_real_layers(tmp_path) -> None:
