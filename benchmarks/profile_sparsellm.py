@@ -4,7 +4,9 @@
         --variant base iterations=4 --variant global iterations=4,prox=global
 
 Each ``--variant NAME OPTIONS`` is a set of ``sparsellm`` options (``key=value`` pairs, comma-separated;
-numbers and booleans parsed). Writes ``results/OUT.json``: wall time of sparsegpt and of every variant on
+numbers and booleans parsed); two keys are not coordinator options: ``solver=admm`` sets sparsellm's
+per-layer solver (``PruneConfig.solver``), ``method=admm`` prunes with that per-layer method instead of
+sparsellm (``--variant admm method=admm``). Writes ``results/OUT.json``: wall time of sparsegpt and of every variant on
 the layer, the FFN's relative reconstruction error after each coordinator iteration (so one run with
 ``iterations=4`` shows every shorter run too) with the seconds of each, and the cumulative time of the
 coordinator's parts (cProfile), so speed work targets the right part. With ``--heldout N`` it also
@@ -88,20 +90,22 @@ def main() -> None:
     rows = {}
     for name, options in {"sparsegpt": None, **variants}.items():
         model, _ = load_model("smollm2-135m")
-        method = "sparsegpt" if options is None else "sparsellm"
+        coordinated = dict(options or {})
+        method = "sparsegpt" if options is None else coordinated.pop("method", "sparsellm")
+        solver = coordinated.pop("solver", "sparsegpt")
         profiler = cProfile.Profile()
         started = time.perf_counter()
         profiler.enable()
-        coordinator = None if options is None else SparseLLMConfig.for_language_models(**options)
-        result = prune_decoder(model, windows, PruneConfig(args.sparsity, method=method, layers=layers, sparsellm=coordinator),
-                               progress=False)
+        coordinator = SparseLLMConfig.for_language_models(**coordinated) if method == "sparsellm" else None
+        config = PruneConfig(args.sparsity, method=method, solver=solver, layers=layers, sparsellm=coordinator)
+        result = prune_decoder(model, windows, config, progress=False)
         profiler.disable()
         stats = pstats.Stats(profiler).stats
         parts = {label: sum(v[3] for (file, _, fn), v in stats.items() if file.endswith(suffix) and fn == func)
                  for label, suffix, func in PARTS}
         ffn = result.layers[-1].to_dict()["ffn"]
         rows[name] = {"options": options, "seconds": time.perf_counter() - started, "forward": result.forward_seconds,
-                      "solve": result.solve_seconds, "ffn": ffn, "parts": parts if options is not None else {}}
+                      "solve": result.solve_seconds, "ffn": ffn, "parts": parts if method == "sparsellm" else {}}
         rows[name]["heldout_ffn_error"] = {
             corpus: heldout_ffn_error(model, dense_ffn, model.model.layers[args.layer].mlp, tokens)
             for corpus, tokens in heldout.items()}
