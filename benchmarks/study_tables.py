@@ -90,14 +90,15 @@ def _reference_run(key: str, run: dict, theirs: dict[str, dict]) -> dict | None:
 
 
 def goals_table(profile: str = "p1", scope: str = "full", folder: Path = PPL) -> str:
-    """sparsellm vs sparsegpt per pattern: wiki / PTB perplexity, change, prune seconds and their ratio."""
+    """sparsellm vs sparsegpt per pattern: perplexity per corpus, change, prune seconds and peak resident
+    memory of the pruning, with their ratios."""
     ours, theirs = _runs(profile, scope, "sparsellm", folder), _runs(profile, scope, "sparsegpt", folder)
     ours = {k: r for k, r in ours.items() if r.get("allocation", "uniform") == "uniform"}   # allocation_table's
     if not ours:
         raise FileNotFoundError(f"no {profile} {scope} sparsellm runs")
     lines = ["| pattern (run) | sparsegpt wiki / PTB [/ code] | sparsellm wiki / PTB [/ code] | change "
-             "| prune s: sparsegpt / sparsellm (ratio) |",
-             "|---|---:|---:|---:|---:|"]
+             "| prune s: sparsegpt / sparsellm (ratio) | peak MB: sparsegpt / sparsellm (ratio) |",
+             "|---|---:|---:|---:|---:|---:|"]
     order = {run_name("", "", "", p).strip("_"): i for i, p in enumerate(PATTERNS)}
     for key in sorted(ours, key=lambda k: (order.get(k.split("_")[0], 99), k)):
         run, ref = ours[key], _reference_run(key, ours[key], theirs)
@@ -109,8 +110,10 @@ def goals_table(profile: str = "p1", scope: str = "full", folder: Path = PPL) ->
         a, b = ref["seconds"]["prune"], run["seconds"]["prune"]
         same = ref["meta"]["machine"]["torch_threads"] == run["meta"]["machine"]["torch_threads"]
         ratio = f"{b / a:.1f}x" if same else "threads differ"
+        peaks = [r.get("peak_memory_mb", {}).get("prune") for r in (ref, run)]
+        memory = f"{peaks[0]:.0f} / {peaks[1]:.0f} ({peaks[1] / peaks[0]:.2f}x)" if all(peaks) else "-"
         lines.append(f"| {run['pattern']} ({key}) | {ppl(ref)} | {ppl(run)} | {change} | {a:.0f} ({_threads(ref['meta'])}) / "
-                     f"{b:.0f} ({_threads(run['meta'])}) ({ratio}) |")
+                     f"{b:.0f} ({_threads(run['meta'])}) ({ratio}) | {memory} |")
     options = sorted({json.dumps(r.get("sparsellm_options")) for r in ours.values()})
     return "\n".join(lines) + f"\n\n_sparsellm options of these runs: {', '.join(options)}._\n"
 
