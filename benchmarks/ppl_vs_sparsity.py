@@ -154,6 +154,8 @@ def one(model_name: str, profile_name: str, scope: str, method: str, pattern: st
 
 def main() -> None:
     """Run the grid (skipping finished runs), one subprocess per run."""
+    from sparsesolve.core.config import SOLVER_NAMES
+
     parser = argparse.ArgumentParser(description="perplexity vs sparsity grid (resumable)")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--profile", choices=list(PROFILES), default="p1")
@@ -169,7 +171,7 @@ def main() -> None:
                         help="count an unstructured sparsity per row or per layer (file stem suffix _layermask)")
     parser.add_argument("--dense-pass", action="store_true",
                         help="fit every linear of a layer on its dense pass (true_sequential=False; suffix _densepass)")
-    parser.add_argument("--solver", default="sparsegpt", choices=["sparsegpt", "admm", "wanda", "magnitude"],
+    parser.add_argument("--solver", default="sparsegpt", choices=SOLVER_NAMES,
                         help="sparsellm's per-layer solver (file stem suffix unless sparsegpt)")
     parser.add_argument("--calib", default="",
                         help="calibration corpora, comma-separated, instead of the profile's (suffix _calib-A+B)")
