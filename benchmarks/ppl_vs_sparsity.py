@@ -154,7 +154,7 @@ def one(model_name: str, profile_name: str, scope: str, method: str, pattern: st
 
 def main() -> None:
     """Run the grid (skipping finished runs), one subprocess per run."""
-    from sparsesolve.core.config import SOLVER_NAMES
+    from sparsesolve.core.config import ALLOCATIONS, MASK_SCOPES, SOLVER_NAMES
 
     parser = argparse.ArgumentParser(description="perplexity vs sparsity grid (resumable)")
     parser.add_argument("--model", default="smollm2-135m")
@@ -165,9 +165,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=PPL, help="results folder (default benchmarks/results/ppl)")
     parser.add_argument("--sparsellm-options", default="", help="study overrides, e.g. alpha=1,iterations=2 (needs --tag)")
     parser.add_argument("--tag", default="", help="suffix of the run files of a study run")
-    parser.add_argument("--allocation", default="uniform", choices=["uniform", "owl", "obs"],
+    parser.add_argument("--allocation", default="uniform", choices=ALLOCATIONS,
                         help="layer-wise sparsity allocation of unstructured patterns (file stem suffix unless uniform)")
-    parser.add_argument("--mask-scope", default="row", choices=["row", "layer"],
+    parser.add_argument("--mask-scope", default="row", choices=MASK_SCOPES,
                         help="count an unstructured sparsity per row or per layer (file stem suffix _layermask)")
     parser.add_argument("--dense-pass", action="store_true",
                         help="fit every linear of a layer on its dense pass (true_sequential=False; suffix _densepass)")

@@ -1,5 +1,6 @@
-"""Layer-wise sparsity allocation: exact averages, OWL's ordering, the OBS curves against an exact
-refit, optimality of the Lagrangian split, and whole decoders pruned under each allocation."""
+"""Layer-wise sparsity allocation: exact averages, OWL's ordering, the OBS and Fisher curves against an
+exact refit, the Fisher row weights against autograd, optimality of the Lagrangian split, and whole
+decoders pruned under each allocation."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ from tiny_lm import VOCAB, tiny_model
 
 from sparsesolve.core.config import PruneConfig
 from sparsesolve.core.solvers import refit
+from sparsesolve.lm.adapters import get_adapter
 from sparsesolve.lm.allocation import GRID_STEP, LayerStatistics, _statistics, allocate, sparsity_grid
 from sparsesolve.lm.decoder import prune_decoder
+from sparsesolve.lm.fisher import output_fisher
 
 
 def _stats(params: list[int], outliers: list[float], slopes: list[float], target: float = 0.7,
@@ -24,7 +27,7 @@ def _average(sparsity: dict[int, float], stats: dict[int, LayerStatistics]) -> f
     return sum(sparsity[i] * s.params for i, s in stats.items()) / sum(s.params for s in stats.values())
 
 
-@pytest.mark.parametrize("kind", ["uniform", "owl", "obs"])
+@pytest.mark.parametrize("kind", ["uniform", "owl", "obs", "fisher"])
 def test_every_allocation_keeps_the_weighted_average_and_the_range(kind: str) -> None:
     stats = _stats([100, 100, 300, 50], [0.01, 0.05, 0.02, 0.0], [1.0, 5.0, 2.0, 0.5])
     sparsity = allocate(kind, 0.7, stats, 0.08)
@@ -63,9 +66,11 @@ def test_obs_split_cannot_be_improved_by_moving_zeros_between_two_layers() -> No
                 assert total(moved) >= total(sparsity) - 1e-12
 
 
-def test_obs_saliency_of_one_weight_is_the_exact_refit_error_of_pruning_it() -> None:
+@pytest.mark.parametrize("weighted", [False, True])
+def test_one_zero_per_row_costs_what_an_exact_refit_of_each_row_costs(weighted: bool) -> None:
     """At the grid point of one zero per row the curve is the sum over rows of each row's smallest
-    ``w^2 / [Hd^-1]_jj``; pruning exactly that weight and refitting the row costs the same."""
+    ``w^2 / [Hd^-1]_jj``; pruning exactly that weight and refitting the row costs the same. ``"obs"``
+    divides the sum by ``||W X||^2``, ``"fisher"`` weighs row ``i`` by its ``f_i``."""
     torch.manual_seed(0)
     n = 8
     linear = torch.nn.Linear(n, 3, bias=False).double()
@@ -73,20 +78,50 @@ def test_obs_saliency_of_one_weight_is_the_exact_refit_error_of_pruning_it() -> 
     gram = x.T @ x
 
     class Lin:
-        module, index = linear, None
+        module, index, name = linear, None, "lin"
         weight = linear.weight.detach()
 
+    f = torch.tensor([0.5, 2.0, 7.0], dtype=torch.float64)
     grid = torch.tensor([0.0, 1 / n])
-    stats = _statistics([Lin()], {id(linear): gram}, grid, damp=0.0, params=3 * n)
+    stats = _statistics([Lin()], {id(linear): gram}, grid, damp=0.0, params=3 * n, row_weights={"lin": f} if weighted else None)
     w = Lin.weight
     saliency = w**2 / torch.diagonal(torch.linalg.inv(gram))
     mask = saliency > saliency.min(dim=1, keepdim=True).values       # each row loses its cheapest weight
-    exact = refit(w, gram, mask, damp=0.0)
+    rows = [refit(w[i : i + 1], gram, mask[i : i + 1], damp=0.0) for i in range(3)]
+    whole = refit(w, gram, mask, damp=0.0)
+    expected = sum(float(fi) * r.error for fi, r in zip(f, rows)) if weighted else whole.error / whole.reference
     assert stats.errors[0] == 0
-    assert float(stats.errors[1]) == pytest.approx(exact.error / exact.reference, rel=1e-9)
+    assert float(stats.errors[1]) == pytest.approx(expected, rel=1e-9)
 
 
-@pytest.mark.parametrize("kind", ["owl", "obs"])
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_fisher_weights_are_the_mean_squared_loss_gradient_of_every_output_row(family: str) -> None:
+    """Against autograd on the linears' outputs, for one batch of all windows (the reference) and
+    batches of three (accumulated by the hooks); the model's parameters keep their requires_grad."""
+    model = tiny_model(family, layers=2)
+    windows = torch.randint(0, VOCAB, (7, 16), generator=torch.Generator().manual_seed(1))
+    adapter = get_adapter(model)
+    linears = [lin for i in (0, 1) for lin in adapter.layer_map(model, i).linears]
+    fisher = output_fisher(model, adapter, [0, 1], windows, batch_size=3)
+    assert all(p.requires_grad for p in model.parameters()) and all(p.grad is None for p in model.parameters())
+    outputs = {}
+    handles = [lin.module.register_forward_hook(lambda m, a, out: outputs.__setitem__(id(m), out)) for lin in linears]
+    logits = model(input_ids=windows).logits
+    for handle in handles:
+        handle.remove()
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), windows[:, 1:].flatten(), reduction="sum")
+    modules = list(outputs)
+    grads = dict(zip(modules, torch.autograd.grad(loss, [outputs[k] for k in modules])))
+    assert sorted(fisher) == sorted(lin.name for lin in linears)
+    for lin in linears:
+        g = grads[id(lin.module)].reshape(-1, grads[id(lin.module)].shape[-1])
+        expected = g.double().pow(2).mean(dim=0)
+        expected = expected if lin.rows is None else expected[lin.rows]
+        assert fisher[lin.name].shape == (lin.weight.shape[0],)
+        torch.testing.assert_close(fisher[lin.name], expected, rtol=1e-4, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["owl", "obs", "fisher"])
 def test_a_decoder_pruned_under_an_allocation_keeps_its_average_sparsity(kind: str) -> None:
     windows = torch.randint(0, VOCAB, (8, 32), generator=torch.Generator().manual_seed(0))
     uniform = prune_decoder(tiny_model("llama", layers=4), windows, PruneConfig("0.6", method="sparsegpt"), progress=False)

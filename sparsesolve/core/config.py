@@ -38,7 +38,7 @@ CG_TOL = 3e-4
 #: the update every iteration (benchmarks/README.md).
 LOCAL_NEWTON_STEPS = 1
 #: layer-wise sparsity allocations of an unstructured target (``lm/allocation.py``).
-ALLOCATIONS = ("uniform", "owl", "obs")
+ALLOCATIONS = ("uniform", "owl", "obs", "fisher")
 #: where an unstructured sparsity is counted: in every row, or over the whole layer (``patterns.Unstructured``).
 MASK_SCOPES = ("row", "layer")
 #: tokens per chunk for per-token work: bounds the float32 copies to ``8192 x width``.
@@ -182,14 +182,16 @@ class PruneConfig:
     device: str | None = option(None, "where layers are processed (None: the model's device)")
     chunk_size: int | None = option(DEFAULT_CHUNK, "tokens per chunk of per-token work (None: all at once)")
     allocation: str = option("uniform", "sparsity per decoder layer of an unstructured target, the average kept: "
-                                        "uniform, owl (outlier-weighted) or obs (error curves)", choices=ALLOCATIONS)
+                                        "uniform, owl (outlier-weighted), obs (error curves) or fisher (the "
+                                        "curves weighed by the loss's output Fisher)", choices=ALLOCATIONS)
     mask_scope: str = option("row", "where an unstructured sparsity is counted: 'row' (every row exactly) or "
                                     "'layer' (rows may differ, as the original SparseGPT selects)", choices=MASK_SCOPES)
     true_sequential: bool = option(True, "inside a decoder layer, prune each linear on the outputs of the linears "
                                          "pruned before it (else all of them on the dense layer's pass, as the "
                                          "original SparseGPT and Wanda code do)")
     allocation_range: float = option(0.08, "how far the layers' sparsities move: owl spans twice this (OWL's "
-                                           "lambda, 0.08 for LLaMA), obs keeps each layer within this of the target")
+                                           "lambda, 0.08 for LLaMA), obs and fisher keep each layer within this of "
+                                           "the target")
 
     def __post_init__(self) -> None:
         from sparsesolve.core.patterns import Pattern, parse_pattern

@@ -19,6 +19,13 @@ before pruning (``layer_statistics``: each linear's input Gram ``H``, all-reduce
   ``sum_l E_l(s_l)`` under the budget is found by bisection on the multiplier ``mu`` of
   ``E_l(s) - mu P_l s`` over a grid of ``s`` within ``S +- spread``; a layer whose error rises slowly
   takes more zeros.
+- ``"fisher"`` (this package's): the same curves in units of the language-model loss instead of each
+  layer's own relative error. Row ``i`` of a linear weighs its squared output error by ``f_i``, the
+  mean squared gradient of the calibration loss with respect to that output (``lm/fisher.py``: one
+  backward pass of the dense model), so ``E_l(s) ~ sum_i f_i cost_i(s)`` estimates the loss increase of
+  pruning layer ``l`` to ``s`` (second order, diagonal empirical Fisher); the same bisection splits the
+  zeros. A layer whose errors the rest of the model absorbs (small ``f``) takes more zeros; ``"obs"``
+  cannot see that.
 
 Either way the sparsities are then shifted together (and clipped to their bounds) until the
 parameter-weighted average is ``S`` to rounding (``_exact``). Experts of an MoE layer take their
@@ -44,7 +51,7 @@ __all__ = ["ALLOCATIONS", "LayerStatistics", "allocate", "layer_statistics", "sp
 #: OWL's outlier threshold: a score above this multiple of the layer's mean score is an outlier (the
 #: paper's M = 5 for LLaMA)
 OUTLIER_MULTIPLE = 5.0
-#: the sparsity grid step of the ``"obs"`` error curves
+#: the sparsity grid step of the ``"obs"`` and ``"fisher"`` error curves
 GRID_STEP = 0.0025
 #: no layer is allocated more zeros than this fraction
 MAX_SPARSITY = 0.99
@@ -53,7 +60,7 @@ MAX_SPARSITY = 0.99
 @dataclass
 class LayerStatistics:
     """One decoder layer's dense statistics: ``params`` (its prunable parameters), ``outlier_ratio``
-    (OWL's ``D_l``) and ``errors`` (``E_l`` at ``grid``: the ``"obs"`` curve)."""
+    (OWL's ``D_l``) and ``errors`` (``E_l`` at ``grid``: the ``"obs"`` or ``"fisher"`` curve)."""
 
     params: int
     outlier_ratio: float
@@ -63,9 +70,11 @@ class LayerStatistics:
 
 def layer_statistics(model: nn.Module, adapter: Adapter, layers: Sequence[int], inputs: LayerInputs,
                      dtype: torch.dtype, device: torch.device, grid: torch.Tensor, damp: float = 0.01,
-                     ) -> dict[int, LayerStatistics]:
+                     row_weights: dict[str, torch.Tensor] | None = None) -> dict[int, LayerStatistics]:
     """Run the dense decoder over ``inputs`` (the first layer's, per batch; consumed) up to the last of
-    ``layers`` and return each chosen layer's statistics (module docstring) at the sparsities ``grid``."""
+    ``layers`` and return each chosen layer's statistics (module docstring) at the sparsities ``grid``;
+    with ``row_weights`` (per linear name, one weight per output row: ``"fisher"``) the error curves
+    weigh each row's squared output error by them, else by ``1 / ||W X||^2`` (``"obs"``)."""
     decoder = adapter.layers(model)
     stats: dict[int, LayerStatistics] = {}
     for index in range(max(layers) + 1):
@@ -86,7 +95,7 @@ def layer_statistics(model: nn.Module, adapter: Adapter, layers: Sequence[int], 
                 handle.remove()
         if index in layers:
             grams = {key: distributed.reduce(g) for key, g in grams.items()}
-            stats[index] = _statistics(linears, grams, grid, damp, sum(lin.weight.numel() for lin in every))
+            stats[index] = _statistics(linears, grams, grid, damp, sum(lin.weight.numel() for lin in every), row_weights)
         layer.to(home)
     return stats
 
@@ -101,8 +110,9 @@ def _gram_hook(grams: dict[int, torch.Tensor], key: int) -> Callable[[nn.Module,
 
 
 def _statistics(linears: list, grams: dict[int, torch.Tensor], grid: torch.Tensor, damp: float,
-                params: int) -> LayerStatistics:
-    """OWL's outlier ratio and the ``"obs"`` error curve of the ``linears`` (module docstring)."""
+                params: int, row_weights: dict[str, torch.Tensor] | None = None) -> LayerStatistics:
+    """OWL's outlier ratio and the error curve of the ``linears`` (module docstring): ``"obs"``, or
+    ``"fisher"`` given ``row_weights``."""
     scores, errors = [], torch.zeros(len(grid), dtype=torch.float64)
     for lin in linears:
         w = lin.weight.double()
@@ -112,8 +122,11 @@ def _statistics(linears: list, grams: dict[int, torch.Tensor], grid: torch.Tenso
         saliency = torch.sort(w**2 / inverse_diagonal, dim=1).values
         cumulative = torch.cat([torch.zeros(w.shape[0], 1, dtype=w.dtype), saliency.cumsum(dim=1)], dim=1)
         zeros = torch.round(grid.double() * w.shape[1]).long().clamp(0, w.shape[1])
-        reference = float(((w @ h) * w).sum())
-        errors += cumulative[:, zeros].sum(dim=0) / max(reference, 1e-30)
+        if row_weights is None:
+            weight = torch.full((w.shape[0],), 1 / max(float(((w @ h) * w).sum()), 1e-30), dtype=w.dtype)
+        else:
+            weight = row_weights[lin.name].to(w.dtype)
+        errors += weight @ cumulative[:, zeros]
     score = torch.cat(scores)
     outliers = float((score > OUTLIER_MULTIPLE * score.mean()).double().mean())
     return LayerStatistics(params, outliers, grid.double(), errors)
@@ -141,7 +154,7 @@ def allocate(kind: str, target: float, stats: dict[int, LayerStatistics], spread
         chosen = 1 - scaled                 # density up with the outliers; _exact sets the level
     else:
         chosen = _lagrangian([stats[i] for i in layers], params, target)
-    # OWL spans 2 spread around its centre wherever the outlier ratios lie; the grid bounds "obs"
+    # OWL spans 2 spread around its centre wherever the outlier ratios lie; the grid bounds the curves
     low, high = (0.0, MAX_SPARSITY) if kind == "owl" else (max(0.0, target - spread), min(MAX_SPARSITY, target + spread))
     return dict(zip(layers, _exact(chosen, params, target, low, high).tolist()))
 

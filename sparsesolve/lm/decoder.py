@@ -53,6 +53,7 @@ from sparsesolve.lm.adapters import DecoderLayerMap, get_adapter
 from sparsesolve.lm.allocation import allocate, layer_statistics, sparsity_grid
 from sparsesolve.lm.checkpoint import LayerCheckpoints
 from sparsesolve.lm.environment import release_free_memory
+from sparsesolve.lm.fisher import output_fisher
 from sparsesolve.lm.layer_inputs import LayerInputs, capture_first_inputs, feed, run_layer
 from sparsesolve.lm.models import check_seq_len
 from sparsesolve.lm.records import ExpertRecord, FFNRecord, LayerRecord, LinearRecord
@@ -411,9 +412,10 @@ def _allocate(model: nn.Module, adapter: Any, chosen: list[int], calibration: to
         return {}
     target = config.pattern.fraction
     with pruner.forward_pass():
+        weights = output_fisher(model, adapter, chosen, calibration, config.batch_size) if config.allocation == "fisher" else None
         inputs = capture_first_inputs(model, adapter.layers(model)[0], calibration, config.batch_size, storage, device)
-        stats = layer_statistics(model, adapter, chosen, inputs, dtype, device,
-                                 sparsity_grid(target, config.allocation_range), config.solver_options.get("damp", 0.01))
+        stats = layer_statistics(model, adapter, chosen, inputs, dtype, device, sparsity_grid(target, config.allocation_range),
+                                 config.solver_options.get("damp", 0.01), weights)
     return allocate(config.allocation, target, stats, config.allocation_range)
 
 
