@@ -1,5 +1,5 @@
 """Guards against over-fitting the calibration tokens: held-out selection of the coordinator's
-candidates, and the trust region toward the one-shot weights."""
+candidates, the trust region toward the one-shot weights, and the damping centred on them (ridge)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ import sparsesolve as ss
 from sparsesolve.core.config import PruneConfig, SparseLLMConfig
 from sparsesolve.core.coordinator import sparsellm, trust_region_cross
 from sparsesolve.core.patterns import parse_pattern
-from sparsesolve.core.solvers import refit
+from sparsesolve.core.solvers import cg_refit, refit
+from sparsesolve.core.solvers.problem import LayerProblem
 from sparsesolve.lm.decoder import HELDOUT_SEED, prune_decoder
 
 
@@ -69,6 +70,57 @@ def test_a_large_trust_keeps_the_one_shot_weights_and_none_changes_nothing() -> 
     assert free.error < 0.9 * free.start_error
     for record in held.history:     # every iterate sits on the start (up to the solves' damping)
         assert record["error"] == pytest.approx(held.start_error, rel=2e-3)
+
+
+@pytest.mark.parametrize("solve", ["exact", "cg"])
+def test_an_anchored_problem_is_the_ridge_toward_the_anchor_on_a_fixed_mask(solve: str) -> None:
+    """``LayerProblem.build(anchor=W0)`` then ``refit`` / ``cg_refit`` minimise
+    ``||W X - T||^2 + lam ||W - W0||^2`` with ``lam = damp mean(diag H)``: row by row against least
+    squares on the stacked system ``[X; sqrt(lam) I] w = [t; sqrt(lam) w0]`` over the kept inputs."""
+    g = torch.Generator().manual_seed(0)
+    x, target = torch.randn(30, 10, generator=g, dtype=torch.float64), torch.randn(30, 4, generator=g, dtype=torch.float64)
+    anchor = torch.randn(4, 10, generator=g, dtype=torch.float64)
+    mask = torch.rand(4, 10, generator=g) > 0.4
+    gram, damp = x.T @ x, 0.3
+    problem = LayerProblem.build(anchor, gram, target=target.T @ x, damp=damp, anchor=anchor)
+    lam = damp * float(torch.diagonal(gram).mean())
+    assert float(problem.cholesky.lam) == pytest.approx(lam, rel=1e-12)
+    if solve == "exact":
+        solved = refit(anchor, gram, mask, problem=problem).weight
+    else:
+        solved = cg_refit(anchor, gram, mask, start=torch.zeros_like(anchor), tol=1e-12, max_iter=200, problem=problem).weight
+    for i in range(4):
+        kept = mask[i]
+        design = torch.cat([x[:, kept], lam**0.5 * torch.eye(10, dtype=torch.float64)[:, kept]])
+        goal = torch.cat([target[:, i], lam**0.5 * anchor[i]])     # rows of pruned inputs: a constant
+        expected = torch.linalg.lstsq(design, goal[:, None]).solution[:, 0]
+        torch.testing.assert_close(solved[i, kept], expected, atol=1e-8, rtol=1e-8)
+        assert torch.all(solved[i, ~kept] == 0)
+
+
+def test_an_anchor_needs_a_target_and_the_weights_shape() -> None:
+    gram = torch.eye(3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="an anchor needs a target"):
+        LayerProblem.build(torch.ones(2, 3), gram, anchor=torch.ones(2, 3))
+    with pytest.raises(ValueError, match="an anchor needs a target and the weight's shape 2 x 3"):
+        LayerProblem.build(torch.ones(2, 3), gram, target=torch.ones(2, 3), anchor=torch.ones(3, 3))
+    with pytest.raises(ValueError, match="ridge must be >= 0 or None"):
+        SparseLLMConfig(ridge=-1.0)
+
+
+def test_a_huge_ridge_keeps_the_one_shot_weights_and_a_centred_damping_changes_the_solves() -> None:
+    """ridge -> infinity pins every coordinated solve to the start; ridge = 0 (the damping moved from
+    zero to W0) gives other weights than None."""
+    dense, x = _mlp(), correlated_inputs(600, 16, seed=3)
+    runs, weights = {}, {}
+    for ridge in (None, 0.0, 1e9):
+        model = copy.deepcopy(dense)
+        runs[ridge] = sparsellm(ss.Chain.from_module(model), x, parse_pattern("0.7"), iterations=1, ridge=ridge,
+                                refine="exact", reselect_mask=False)
+        weights[ridge] = model[2].weight.detach().clone()
+    assert runs[None].error < 0.9 * runs[None].start_error
+    assert runs[1e9].history[0]["error"] == pytest.approx(runs[1e9].start_error, rel=1e-6)
+    assert not torch.allclose(weights[None], weights[0.0], rtol=0, atol=1e-10)
 
 
 def test_held_out_windows_stay_out_of_every_fit_in_a_decoder() -> None:

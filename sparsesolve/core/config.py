@@ -84,8 +84,11 @@ class SparseLLMConfig:
     trace: bool = option(True, "record the penalised objective around every block update (a pass over the tokens each)")
     heldout_fraction: float = option(0.0, "share of the calibration windows kept out of every fit; the candidates "
                                           "(one-shot start, each iteration) are then chosen by their error on them")
-    trust: float = option(0.0, "ridge toward the one-shot weights W0: each coordinated solve also pays "
+    trust: float = option(0.0, "trust region around the one-shot weights W0: each coordinated solve also pays "
                                "trust * ||(W - W0) X||^2 (0: none)")
+    ridge: float | None = option(None, "centre each coordinated solve's damping on the one-shot weights W0 and add "
+                                       "this to it: the solve pays (damp + ridge) mean(diag H) ||W - W0||^2 instead of "
+                                       "damp mean(diag H) ||W||^2 (None: toward zero)")
 
     def __post_init__(self) -> None:
         if not isinstance(self.iterations, int) or self.iterations < 0:
@@ -107,6 +110,8 @@ class SparseLLMConfig:
             raise ValueError(f"heldout_fraction must be in [0, 1), got {self.heldout_fraction!r}")
         if not self.trust >= 0:
             raise ValueError(f"trust must be >= 0, got {self.trust!r}")
+        if self.ridge is not None and not self.ridge >= 0:
+            raise ValueError(f"ridge must be >= 0 or None, got {self.ridge!r}")
         if not self.reselect_mask and self.refine == "none":
             raise ValueError("reselect_mask=False keeps the masks and only refits: choose refine 'cg' or 'exact'")
 

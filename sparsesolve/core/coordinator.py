@@ -33,14 +33,19 @@ not the auxiliaries); keep-best guards the result.
 Only the ratios ``beta / gamma`` and ``alpha / gamma`` matter: scaling all three by a common factor
 leaves every update unchanged.
 
-Two options guard against over-fitting the calibration tokens:
+Three options guard against over-fitting the calibration tokens:
 
 - held-out selection (``heldout=``, tokens kept out of every fit): the candidates are ranked by
   ``||f(X_h) - Y_h||^2`` on the held-out tokens instead of the fitted ones (both are recorded);
 - a trust region (``config.trust = rho``): each coordinated solve minimises
   ``||W X - T||^2 + rho ||(W - W0) X||^2`` with ``W0`` the one-shot weight, which is the plain masked
   problem for the target cross-covariance ``(C + rho W0 H) / (1 + rho)`` (``H = X^T X``): the fit is
-  pulled toward the one-shot solution in the metric of its inputs.
+  pulled toward the one-shot solution in the metric of its inputs;
+- a ridge centred on the one-shot weights (``config.ridge = r``): a coordinated solve's damping
+  ``lam ||W||^2`` (``lam = damp mean(diag H)``) pulls the directions its calibration inputs barely
+  span toward zero, where the one-shot solves (no target) keep the dense weights; with ``r`` it pays
+  ``(damp + r) mean(diag H) ||W - W0||^2`` instead, which only adds ``lam W0`` to the cross-covariance
+  (``LayerProblem.build(anchor=W0)``): those directions keep the one-shot weights.
 """
 
 from __future__ import annotations
@@ -351,7 +356,9 @@ def sparsellm(
 
             def rows_solve(rows: slice) -> LayerSolution:
                 # one problem (factor, W*) per linear, shared by the masked solve and the refit
-                problem = LayerProblem.build(linear.weight[rows], h, target=cross[rows], damp=damp, compute_dtype=dtype)
+                anchor = None if config.ridge is None else start.weights[l][j][rows]
+                problem = LayerProblem.build(linear.weight[rows], h, target=cross[rows], damp=damp + (config.ridge or 0.0),
+                                             compute_dtype=dtype, anchor=anchor)
                 if not config.reselect_mask:
                     return fixed_mask(problem, previous.mask[rows], previous.weight[rows], None)
                 sol = method(linear.weight[rows], h, pattern, problem=problem, **options)

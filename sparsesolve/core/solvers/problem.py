@@ -68,8 +68,14 @@ class LayerProblem:
         target: torch.Tensor | None = None,
         damp: float = 0.01,
         compute_dtype: torch.dtype | None = None,
+        anchor: torch.Tensor | None = None,
     ) -> LayerProblem:
-        """Validate shapes and values, cast, handle dead inputs, factor once and reduce the target."""
+        """Validate shapes and values, cast, handle dead inputs, factor once and reduce the target.
+
+        With a ``target`` the damping ``lam ||W||^2`` pulls toward zero; an ``anchor`` ``W0`` (``m x n``)
+        centres it there instead, ``lam ||W - W0||^2``: the cross-covariance becomes ``T X^T + lam W0``,
+        so ``W* = (T X^T + lam W0) (H + lam I)^-1`` (no extra factorisation). Without a target the
+        damping is already centred on ``weight``."""
         started = time.perf_counter()
         if weight.dim() != 2:
             raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
@@ -78,6 +84,9 @@ class LayerProblem:
             raise ValueError(f"Gram matrix must be {n} x {n} for a weight with {n} inputs, got {tuple(gram.shape)}")
         if target is not None and tuple(target.shape) != (m, n):
             raise ValueError(f"target cross-covariance T X^T must be {m} x {n}, got {tuple(target.shape)}")
+        if anchor is not None and (target is None or tuple(anchor.shape) != (m, n)):
+            raise ValueError(f"an anchor needs a target and the weight's shape {m} x {n}, got "
+                             f"{None if anchor is None else tuple(anchor.shape)}")
         dtype = compute_dtype_for(weight, compute_dtype)
         check_finite("weight", weight)
         h, dead = without_dead_inputs(gram.to(dtype))
@@ -86,9 +95,10 @@ class LayerProblem:
             w_star = weight.to(dtype).clone()
         else:
             check_finite("target", target)
-            w_star = chol.solve(target.to(dtype).T).T.contiguous()
+            target = target.to(dtype) if anchor is None else target.to(dtype) + chol.lam * anchor.to(dtype)
+            w_star = chol.solve(target.T).T.contiguous()
         w_star[:, dead] = 0
-        rhs = None if target is None else target.to(dtype).masked_fill(dead, 0.0)
+        rhs = None if target is None else target.masked_fill(dead, 0.0)
         return cls(w_star, h, chol, dead, weight.dtype, started, _rhs=rhs)
 
     @property
