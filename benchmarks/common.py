@@ -45,7 +45,7 @@ def write_json(name: str, payload: dict[str, Any], folder: Path = RESULTS) -> Pa
 
 
 def parse_options(text: str) -> dict[str, Any]:
-    """``"iterations=2,prox=global"`` -> ``{"iterations": 2, "prox": "global"}`` (ints, floats, booleans)."""
+    """``"iterations=2,prox=global"`` -> ``{"iterations": 2, "prox": "global"}`` (ints, floats, booleans, none)."""
     options: dict[str, Any] = {}
     for pair in filter(None, text.split(",")):
         key, sep, value = pair.partition("=")
@@ -58,7 +58,7 @@ def parse_options(text: str) -> dict[str, Any]:
             except ValueError:
                 continue
         else:
-            options[key] = {"true": True, "false": False}.get(value.lower(), value)
+            options[key] = {"true": True, "false": False, "none": None}.get(value.lower(), value)
     return options
 
 

@@ -1,8 +1,9 @@
 """Command-line flags generated from configuration dataclasses (``core.config.option`` fields).
 
 Each field becomes ``--field-name`` (or its ``metadata["flag"]``) with the field's help text, its
-default, its type read from the annotation (``bool`` fields take ``--x / --no-x``) and its
-``metadata["choices"]``. ``dest`` is ``prefix + name`` so two configs may share a parser.
+default, its type read from the annotation (``bool`` fields take ``--x / --no-x``; a field that may be
+None also takes the value ``none``) and its ``metadata["choices"]``. ``dest`` is ``prefix + name`` so
+two configs may share a parser.
 """
 
 from __future__ import annotations
@@ -15,11 +16,20 @@ from typing import Any
 __all__ = ["add_config_flags", "config_values"]
 
 _TYPES = {"int": int, "float": float, "str": str}
+#: what the flag of a numeric field that may be None holds after ``--flag none`` (None means "not given")
+_NONE = object()
 
 
 def _kind(annotation: Any) -> Any:
-    name = str(annotation).split("|")[0].strip()
-    return _TYPES.get(name, str)
+    parts = [part.strip() for part in str(annotation).split("|")]
+    kind = _TYPES.get(parts[0], str)
+    if kind is str or "None" not in parts[1:]:
+        return kind
+
+    def parse(text: str) -> Any:
+        return _NONE if text.lower() == "none" else kind(text)
+    parse.__name__ = kind.__name__          # argparse names the type in its error
+    return parse
 
 
 def add_config_flags(parser: argparse.ArgumentParser | Any, cls: type, names: Iterable[str] | None = None, *,
@@ -53,6 +63,7 @@ def config_values(args: argparse.Namespace, cls: type, names: Iterable[str] | No
     wanted = None if names is None else set(names)
     values = {}
     for item in dataclasses.fields(cls):
-        if (wanted is None or item.name in wanted) and getattr(args, prefix + item.name, None) is not None:
-            values[item.name] = getattr(args, prefix + item.name)
+        value = getattr(args, prefix + item.name, None)
+        if (wanted is None or item.name in wanted) and value is not None:
+            values[item.name] = None if value is _NONE else value
     return values

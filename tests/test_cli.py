@@ -187,3 +187,14 @@ def test_help_imports_neither_torch_nor_transformers() -> None:
     help_text = subprocess.run([sys.executable, "-m", "sparsesolve", "prune", "--help"], check=True, cwd=ROOT,
                                capture_output=True, text=True).stdout
     assert "--iterations" in help_text and "0-based, B excluded" in help_text
+
+
+@pytest.mark.parametrize(("given", "expected"), [([], 0.1), (["--ridge", "0.3"], 0.3), (["--ridge", "none"], None)])
+def test_a_flag_that_may_be_none_takes_none(given: list[str], expected: float | None) -> None:
+    """``--ridge none`` restores damping toward zero; not given, the language-model default holds."""
+    from sparsesolve.cli import _prune_config, build_parser
+
+    args = build_parser().parse_args(["prune", "--model", "m", "--out", "o", "--sparsity", "0.7", *given])
+    assert _prune_config(args).coordinator(True).ridge == expected
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["prune", "--model", "m", "--out", "o", "--sparsity", "0.7", "--ridge", "big"])
