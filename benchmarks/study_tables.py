@@ -167,7 +167,9 @@ def _perplexity_cells(run: dict, base: dict, corpora: list[str]) -> tuple[str, s
 def allocation_table(profile: str = "p1", scope: str = "full", folder: Path = PPL) -> str:
     """Per method and unstructured pattern with an allocation run: perplexity per corpus under each
     allocation, and the change against uniform (the sparsities' spread in brackets)."""
-    rows, shared = _against_base(profile, scope, folder, ("owl", "obs"))
+    from sparsesolve.core.config import ALLOCATIONS
+
+    rows, shared = _against_base(profile, scope, folder, tuple(a for a in ALLOCATIONS if a != "uniform"))
     if not rows:
         raise FileNotFoundError(f"no {profile} {scope} runs with an allocation")
     out = [f"| method | pattern | allocation | layer sparsity min-max | perplexity ({' / '.join(shared)}) | change vs uniform |",
