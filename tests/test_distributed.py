@@ -27,7 +27,9 @@ from sparsesolve.core.patterns import NM
 from sparsesolve.core.quantize import GroupQuantizer
 from sparsesolve.core.solvers import cg_refit, sparsegpt
 from sparsesolve.core.solvers.row_share import solve_rows
+from sparsesolve.lm.adapters import get_adapter
 from sparsesolve.lm.decoder import prune_decoder
+from sparsesolve.lm.fisher import output_fisher
 from sparsesolve.lm.memory import pruning_memory_of
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,8 +44,9 @@ CONFIGS = {"sparsegpt": PruneConfig("2:4", method="sparsegpt"),
 
 
 def _windows(task: str) -> torch.Tensor:
-    """The tiny Mixtral reads 600 tokens (about 300 per expert: most above the expert's width of 128)."""
-    vocab, length = (256, 120) if task == "mixtral" else (VOCAB, 40)
+    """The tiny Mixtral reads 600 tokens (about 300 per expert: most above the expert's width of 128);
+    the census-size Phi-3 of the Fisher task has a vocabulary of 256."""
+    vocab, length = (256, 120) if task == "mixtral" else (256, 40) if task == "fisher" else (VOCAB, 40)
     return torch.randint(3, vocab, (WINDOWS, length), generator=torch.Generator().manual_seed(3))
 
 
@@ -74,7 +77,7 @@ def _prune(task: str, windows: torch.Tensor, config: PruneConfig | None = None) 
 
 def _worker(rank: int, port: int, out: Path) -> None:
     with gloo_rank(rank, port):              # one process group for every task: the start-up is paid once
-        for task in (*CONFIGS, "chain", "rows", "disagree"):
+        for task in (*CONFIGS, "chain", "rows", "disagree", "fisher"):
             _run_task(rank, out, task)
 
 
@@ -103,8 +106,19 @@ def _row_solves() -> dict[str, torch.Tensor]:
             "refined": refined.weight, "cg_iterations": torch.tensor(refined.info["cg_iterations"])}
 
 
+def _fisher(windows: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The Fisher row weights of a tiny float64 Phi-3 (gate and up share one fused module) on ``windows``."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("phi3")).eval().double()
+    with distributed.token_sharded():
+        return output_fisher(model, get_adapter(model), [0, 1], windows, batch_size=2)
+
+
 def _run_task(rank: int, out: Path, task: str) -> None:
     windows = _windows(task)[distributed.share(WINDOWS)]
+    if task == "fisher":
+        torch.save(_fisher(windows), out / f"{task}{rank}.pt")
+        return
     if task == "rows":
         torch.save(_row_solves(), out / f"{task}{rank}.pt")
         return
@@ -150,6 +164,16 @@ def test_two_ranks_with_uneven_shares_match_one_process(task: str, two_ranks: Pa
             assert torch.equal(first[name], value), f"{name}: mask differs from one process"
         else:
             assert _relative(first[name], value) <= 1e-10, (name, _relative(first[name], value))
+
+
+def test_fisher_row_weights_of_two_ranks_match_one_process(two_ranks: Path) -> None:
+    """Each module's squares are summed over the ranks once, also where gate and up share one."""
+    first, second = _results(two_ranks, "fisher")
+    single = _fisher(_windows("fisher"))
+    assert first.keys() == single.keys() and any("gate_up_proj" in name for name in single)
+    for name, value in single.items():
+        assert torch.equal(first[name], second[name]), name
+        assert _relative(first[name], value) <= 1e-10, (name, _relative(first[name], value))
 
 
 def test_a_chain_pruned_by_two_ranks_matches_one_process(two_ranks: Path) -> None:

@@ -35,9 +35,9 @@ def output_fisher(model: nn.Module, adapter: Adapter, layers: Sequence[int], win
     """Per linear of the decoder ``layers`` (experts excluded, by ``LinearMap.name``), the mean squared
     gradient of the windows' summed next-token loss with respect to each output row (module docstring)."""
     linears = [lin for i in layers for lin in adapter.layer_map(model, i).linears if lin.index is None]
+    modules = {id(lin.module): lin.module for lin in linears}      # a fused module backs several linears
     squares: dict[int, torch.Tensor] = {}
-    handles = [module.register_forward_hook(_output_hook(squares, id(module)))
-               for module in {id(lin.module): lin.module for lin in linears}.values()]
+    handles = [module.register_forward_hook(_output_hook(squares, key)) for key, module in modules.items()]
     embedding = model.get_input_embeddings()
     handles.append(embedding.register_forward_hook(lambda module, args, out: out.requires_grad_()))
     trainable = {p: p.requires_grad for p in model.parameters()}
@@ -57,7 +57,8 @@ def output_fisher(model: nn.Module, adapter: Adapter, layers: Sequence[int], win
         for p, flag in trainable.items():
             p.requires_grad_(flag)
     tokens = distributed.reduce_count(windows.numel())
-    return {lin.name: _rows(distributed.reduce(squares[id(lin.module)]), lin) / max(tokens, 1) for lin in linears}
+    totals = {key: distributed.reduce(squares[key]) for key in modules}     # once per module, same order on every rank
+    return {lin.name: _rows(totals[id(lin.module)], lin) / max(tokens, 1) for lin in linears}
 
 
 def _output_hook(squares: dict[int, torch.Tensor], key: int) -> Callable[[nn.Module, tuple, torch.Tensor], None]:
