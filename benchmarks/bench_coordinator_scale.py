@@ -81,21 +81,41 @@ def synthetic_ffn(d_model: int, d_ff: int, tokens: int, seed: int) -> tuple[torc
 
 def count_ops(ffn: torch.nn.Module, x: torch.Tensor, pattern: str, method: str, options: dict[str, Any]) -> dict[str, Any]:
     """Run ``method`` once more under ``torch.profiler``: operators launched (a proxy for a GPU's launch
-    overhead) and the five operators with the most self time."""
+    overhead), the five operators with the most host self time and, on a GPU, the five with the most
+    device time."""
     import sparsesolve as ss
 
     model = torch.nn.Sequential(copy.deepcopy(ffn)).to(x.device)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if x.device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
         ss.prune(model, x, method=method, pattern=pattern, **options)
+        _sync(x.device)
     events = prof.key_averages()
     top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:5]
-    return {"ops": sum(e.count for e in events),
-            "top_self_s": {e.key: round(e.self_cpu_time_total / 1e6, 2) for e in top}}
+    out = {"ops": sum(e.count for e in events),
+           "top_self_s": {e.key: round(e.self_cpu_time_total / 1e6, 2) for e in top}}
+    if x.device.type == "cuda":
+        device = sorted(events, key=lambda e: e.self_device_time_total, reverse=True)[:8]
+        out["device_s"] = round(sum(e.self_device_time_total for e in events) / 1e6, 2)
+        out["top_device_s"] = {e.key[:80]: round(e.self_device_time_total / 1e6, 3) for e in device}
+    return out
+
+
+def warm_up(device: torch.device) -> None:
+    """Prune a small FFN with both methods, untimed, so the first timed run does not pay the device's
+    library loading and kernel set-up (on a GPU about 2 s, once per process)."""
+    if device.type != "cuda":
+        return
+    ffn, x = synthetic_ffn(256, 512, 4096, seed=1)
+    time_methods(ffn.to(device), x.to(device), "2:4")
 
 
 def time_methods(ffn: torch.nn.Module, x: torch.Tensor, pattern: str, ops: bool = False) -> dict[str, Any]:
-    """Prune copies of ``ffn`` with sparsegpt and sparsellm; seconds, errors and refit iterations (with
-    ``ops``, also ``count_ops`` of each in a separate, untimed run)."""
+    """Prune copies of ``ffn`` with sparsegpt and sparsellm; seconds, errors, refit iterations and, on a
+    GPU, the peak memory each adds to what was allocated before it (with ``ops``, also ``count_ops`` of
+    each in a separate, untimed run)."""
     import sparsesolve as ss
     from sparsesolve.core.config import SparseLLMConfig
 
@@ -103,10 +123,15 @@ def time_methods(ffn: torch.nn.Module, x: torch.Tensor, pattern: str, ops: bool 
     for method, options in (("sparsegpt", {}), ("sparsellm", {"sparsellm": SparseLLMConfig.for_language_models()})):
         model = torch.nn.Sequential(copy.deepcopy(ffn)).to(x.device)
         _sync(x.device)
+        if x.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
         started = time.perf_counter()
         result = ss.prune(model, x, method=method, pattern=pattern, **options)
         _sync(x.device)
         out[f"{method}_s"] = time.perf_counter() - started
+        if x.device.type == "cuda":
+            out[f"{method}_peak_gb"] = (torch.cuda.max_memory_allocated() - before) / 2**30
         out[f"{method}_error"] = result.relative_error
         if ops:
             out[f"{method}_profile"] = count_ops(ffn, x, pattern, method, options)
@@ -119,8 +144,10 @@ def time_methods(ffn: torch.nn.Module, x: torch.Tensor, pattern: str, ops: bool 
     return out
 
 
-def whole_model(shape: str, layers: int, windows: int, seq_len: int, pattern: str, device: str) -> list[dict[str, Any]]:
-    """Both methods on a random-init Llama of ``shape`` (``HIDDENxFFN``): wall seconds and peak memory."""
+def whole_model(shape: str, layers: int, windows: int, seq_len: int, pattern: str, device: str,
+                dtype: str = "float32") -> list[dict[str, Any]]:
+    """Both methods on a random-init Llama of ``shape`` (``HIDDENxFFN``) in ``dtype`` (the stored
+    activations take it too): wall seconds and peak memory."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import sparsesolve as ss
@@ -133,7 +160,7 @@ def whole_model(shape: str, layers: int, windows: int, seq_len: int, pattern: st
     rows = []
     for method in ("sparsegpt", "sparsellm"):
         torch.manual_seed(0)
-        model = LlamaForCausalLM(config).to(device).eval()
+        model = LlamaForCausalLM(config).to(device=device, dtype=getattr(torch, dtype)).eval()
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         _sync(torch.device(device))
@@ -141,7 +168,7 @@ def whole_model(shape: str, layers: int, windows: int, seq_len: int, pattern: st
         result = ss.prune(model, tokens, method=method, pattern=pattern, progress=False)
         _sync(torch.device(device))
         rows.append({"model_shape": shape, "layers": layers, "windows": windows, "seq_len": seq_len, "pattern": pattern,
-                     "device": device, "method": method, "wall_s": time.perf_counter() - started,
+                     "dtype": dtype, "device": device, "method": method, "wall_s": time.perf_counter() - started,
                      "solve_s": result.solve_seconds, "forward_s": result.forward_seconds,
                      "peak_device_gb": torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None})
         print(json.dumps(rows[-1]), flush=True)
@@ -150,20 +177,43 @@ def whole_model(shape: str, layers: int, windows: int, seq_len: int, pattern: st
 
 
 def table(folder: Path = RESULTS) -> str:
-    """The README table: one line per row of ``coordinator_scale.json`` (time ratio, error ratio)."""
+    """The README table: one line per row of ``coordinator_scale.json`` (time ratio, error ratio, and on a
+    GPU the peak memory each method adds), then the whole-model rows where a GPU measured them."""
     data = json.loads((folder / f"{NAME}.json").read_text())
     lines = ["| d_model x d_ff | inputs | tokens | pattern | device (threads) | sparsegpt s | sparsellm s | ratio | "
-             "FFN error sparsegpt -> sparsellm (ratio) | CG iterations up / gate / down |",
-             "|---|---|---:|---|---|---:|---:|---:|---|---|"]
+             "FFN error sparsegpt -> sparsellm (ratio) | peak GiB sparsegpt -> sparsellm | CG iterations up / gate / down |",
+             "|---|---|---:|---|---|---:|---:|---:|---|---|---|"]
     for r in sorted(data["rows"], key=lambda r: (r["device"], r["d_model"], r["source"], r["pattern"])):
         iters = " / ".join(str(v) for v in r.get("sparsellm_refine_iterations", {}).values())
+        peak = f"{r['sparsegpt_peak_gb']:.1f} -> {r['sparsellm_peak_gb']:.1f}" if "sparsellm_peak_gb" in r else "-"
         lines.append(f"| {r['d_model']} x {r['d_ff']} | {r['source']} | {r['tokens']:,} | {r['pattern']} | "
                      f"{r['device']} ({r['threads']}) | {r['sparsegpt_s']:.1f} | {r['sparsellm_s']:.1f} | "
                      f"{r['time_ratio']:.2f}x | {r['sparsegpt_error']:.4f} -> {r['sparsellm_error']:.4f} "
-                     f"({r['error_ratio']:.2f}) | {iters} |")
-    meta, commands = data["meta"], "; ".join(f"`{c}`" for c in data.get("commands", [data["meta"]["command"]]))
-    return "\n".join(lines) + f"\n\n_Source: {commands}; last run at commit `{meta['commit'][:12]}`, {meta['date']}; " \
-        f"torch {meta['versions']['torch']}._\n"
+                     f"({r['error_ratio']:.2f}) | {peak} | {iters} |")
+    sources = "; ".join(f"{device}: {_source(meta)}" for device, meta in sorted(data["meta_by_device"].items()))
+    out = "\n".join(lines) + f"\n\n_Source: {sources}._\n"
+    if data.get("whole_model"):
+        out += "\n" + _whole_model_table(data["whole_model"], data["whole_model_meta"])
+    return out
+
+
+def _source(meta: dict[str, Any]) -> str:
+    machine = meta["machine"]["cuda"] or f"{meta['machine']['cpus']} CPUs"
+    commit = meta["commit"][:12] + ("-dirty" if meta["commit"].endswith("-dirty") else "")
+    return f"`{meta['command']}` at commit `{commit}`, {meta['date']}, {machine}, torch {meta['versions']['torch']}"
+
+
+def _whole_model_table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    """Both methods on the random-init Llama, per dtype: wall seconds and peak device memory, and the ratios."""
+    lines = ["| model (layers) | tokens | pattern | dtype | sparsegpt s | sparsellm s | ratio | peak GiB sparsegpt | "
+             "peak GiB sparsellm | ratio |", "|---|---:|---|---|---:|---:|---:|---:|---:|---:|"]
+    for dtype in dict.fromkeys(r["dtype"] for r in rows):
+        gpt, llm = (next(r for r in rows if r["dtype"] == dtype and r["method"] == m) for m in ("sparsegpt", "sparsellm"))
+        a, b = gpt["peak_device_gb"], llm["peak_device_gb"]
+        memory = f"{a:.1f} | {b:.1f} | {b / a:.2f}x" if a and b else "- | - | -"
+        lines.append(f"| Llama {gpt['model_shape']} ({gpt['layers']}) | {gpt['windows'] * gpt['seq_len']:,} | {gpt['pattern']} | "
+                     f"{dtype} | {gpt['wall_s']:.1f} | {llm['wall_s']:.1f} | {llm['wall_s'] / gpt['wall_s']:.2f}x | {memory} |")
+    return "\n".join(lines) + f"\n\n_Source: {_source(meta)}._\n"
 
 
 def _sync(device: torch.device) -> None:
@@ -174,7 +224,7 @@ def _sync(device: torch.device) -> None:
 def main() -> None:
     """Parse arguments, run every (width, pattern), merge the rows into the JSON after each."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--widths", default=WIDTHS, help=f"comma-separated D_MODELxD_FF (default {WIDTHS})")
+    parser.add_argument("--widths", default=WIDTHS, help=f"comma-separated D_MODELxD_FF (default {WIDTHS}; '' for none)")
     parser.add_argument("--patterns", default="2:4,0.7")
     parser.add_argument("--tokens", type=int, default=None, help="calibration tokens (default 8192 on CPU, 131072 on GPU)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -187,6 +237,7 @@ def main() -> None:
     parser.add_argument("--model-layers", type=int, default=2)
     parser.add_argument("--model-windows", type=int, default=64)
     parser.add_argument("--model-seq-len", type=int, default=2048)
+    parser.add_argument("--model-dtypes", default="float32", help="comma-separated dtypes of the whole model (e.g. float32,bfloat16)")
     parser.add_argument("--name", default=NAME, help=f"results/NAME.json (default {NAME})")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder (default benchmarks/results)")
     args = parser.parse_args()
@@ -195,6 +246,7 @@ def main() -> None:
     path = args.out / f"{args.name}.json"
     payload = json.loads(path.read_text()) if path.exists() else {"rows": [], "whole_model": []}
     payload["meta"] = metadata("benchmarks.bench_coordinator_scale", args.seed)
+    payload.setdefault("meta_by_device", {})[torch.device(args.device).type] = payload["meta"]
     payload["commands"] = list(dict.fromkeys([*payload.get("commands", []), payload["meta"]["command"]]))
 
     def keep(row: dict[str, Any]) -> None:
@@ -202,8 +254,9 @@ def main() -> None:
         payload["rows"] = [r for r in payload["rows"] if any(r.get(k) != row[k] for k in key)] + [row]
         write_json(args.name, payload, args.out)
 
+    warm_up(torch.device(args.device))
     cases = [(int(a), int(b), "real" if (int(a), int(b)) == (576, 1536) else "synthetic")
-             for a, b in (w.split("x") for w in args.widths.split(","))]
+             for a, b in (w.split("x") for w in filter(None, args.widths.split(",")))]
     if args.synthetic_small:
         cases.append((576, 1536, "synthetic"))
     for d_model, d_ff, source in cases:
@@ -215,8 +268,10 @@ def main() -> None:
             keep(row)
             print(json.dumps(row), flush=True)
     if args.whole_model:
-        payload["whole_model"] = whole_model(args.model_shape, args.model_layers, args.model_windows, args.model_seq_len,
-                                             args.patterns.split(",")[0], args.device)
+        payload["whole_model"] = [row for dtype in args.model_dtypes.split(",") for row in whole_model(
+            args.model_shape, args.model_layers, args.model_windows, args.model_seq_len, args.patterns.split(",")[0],
+            args.device, dtype)]
+        payload["whole_model_meta"] = payload["meta"]
         write_json(args.name, payload, args.out)
     print(f"wrote {path}")
 

@@ -167,7 +167,8 @@ def test_coordinator_scale_benchmark_smoke(tmp_path, monkeypatch) -> None:
     assert (row["d_model"], row["d_ff"], row["tokens"], row["device"]) == (64, 128, 512, "cpu")
     assert row["sparsellm_error"] <= row["sparsegpt_error"] and row["sparsellm_profile"]["ops"] > row["sparsegpt_profile"]["ops"] > 0
     assert [r["method"] for r in data["whole_model"]] == ["sparsegpt", "sparsellm"]
-    assert "| 64 x 128 | synthetic | 512 | 2:4 |" in bench_coordinator_scale.table(tmp_path)
+    table = bench_coordinator_scale.table(tmp_path)
+    assert "| 64 x 128 | synthetic | 512 | 2:4 |" in table and "| Llama 64x128 (1) | 64 | 2:4 | float32 |" in table
 
 
 def test_distributed_benchmark_smoke(tmp_path, monkeypatch, tiny_folder) -> None:

@@ -85,3 +85,19 @@ def test_an_moe_model_exports_with_its_experts_stored_as_they_are(tmp_path) -> N
                                                         for p in ("down_proj", "gate_up_proj")]
     again = load_compressed(tmp_path / "small")
     assert all(torch.equal(again.state_dict()[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("model_type", ["llama", "mixtral"])
+def test_half_precision_models_are_discovered_and_pruned(model_type: str, dtype: torch.dtype) -> None:
+    # a half-precision trace is 0.05-0.4 % off its float64 chain: discovery must accept that rounding
+    # (it refused every bfloat16 model) while still telling the structures apart
+    model = _model(model_type).to(dtype)
+    windows = torch.randint(3, 256, (16, 32), generator=torch.Generator().manual_seed(1))
+    result = ss.prune(model, windows, method="sparsellm", pattern="2:4", progress=False)
+    params = dict(model.named_parameters())
+    assert len(result.masks) > 0
+    for name, mask in result.masks.items():
+        weight = params.get(f"{name}.weight", params.get(name))
+        assert weight.dtype == dtype and bool(torch.isfinite(weight).all())
+        assert bool((weight[~mask] == 0).all()) and int(mask.sum()) == mask.numel() // 2

@@ -32,7 +32,11 @@ NEWTON_STEPS = 6
 HALVINGS = 4
 LOCAL_HALVINGS = 2
 POLISHED_STARTS = 2
+#: elements per block of the proximal updates: on a CPU blocks that stay in cache (about twice as fast as
+#: whole tensors); on a GPU large blocks (a 7B layer's 1.4e9 gate elements in 22 launches of each
+#: operation) whose temporaries stay near 256 MiB each instead of the whole tensor's 5.6 GiB
 PROX_BLOCK = 2**18
+PROX_BLOCK_DEVICE = 2**26
 BISECTION_STEPS = 30
 
 
@@ -88,10 +92,8 @@ class Activation:
                 positive,
                 negative,
             )
-        # elementwise work is allocation-bound on a CPU: blocks that stay in cache run about twice as fast;
-        # a GPU takes the whole tensor at once (one kernel per operation, no Python loop over blocks)
         flat_m, flat_a = m.reshape(-1), a.reshape(-1)
-        block = PROX_BLOCK if m.device.type == "cpu" else max(1, flat_m.numel())
+        block = PROX_BLOCK if m.device.type == "cpu" else PROX_BLOCK_DEVICE
         flat_c = None if scale is None else scale.reshape(-1)
         out = torch.empty_like(flat_m)
         flat_start = None if start is None else start.reshape(-1)

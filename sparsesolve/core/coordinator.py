@@ -324,9 +324,9 @@ def sparsellm(
                              token_weights)
     reference = _squared_error(state.target, None, token_weights)
 
-    start = layerwise(chain, inputs, pattern, solver, solver_options=options, dtype=dtype, storage_dtype=storage,
+    start = layerwise(chain, inputs, pattern, solver, state.target, solver_options=options, dtype=dtype, storage_dtype=storage,
                       chunk_size=chunk_size, first_gram=state.input_gram, token_weights=token_weights)
-    best, best_error, best_iteration = start, _squared_error(start.output, state.target, token_weights), 0
+    best, best_error, best_iteration = start, start.error, 0
     start_error = best_error
     start_held = best_held = None if held is None else held.error(start.weights)
     current = start
@@ -367,9 +367,9 @@ def sparsellm(
             separable = row_separable(solver, None if not config.reselect_mask else pattern)
             return solve_rows(rows_solve, linear.weight.shape[0], separable)
 
-        current = sequential_pass(chain, inputs, solve, dtype=dtype, storage_dtype=storage, chunk_size=chunk_size,
+        current = sequential_pass(chain, inputs, solve, state.target, dtype=dtype, storage_dtype=storage, chunk_size=chunk_size,
                                   first_gram=state.input_gram, token_weights=token_weights)
-        error = _squared_error(current.output, state.target, token_weights)
+        error = current.error
         held_error = None if held is None else held.error(current.weights)
         history.append({"iteration": iteration, "objective_trace": objective_trace, "error": error,
                         "relative_error": error / reference if reference > 0 else 0.0,
@@ -429,12 +429,12 @@ def prune_chain(chain: Chain, inputs: torch.Tensor, config: PruneConfig, *, lang
     target = map_tokens(inputs.shape[0], config.chunk_size, lambda c: chain.forward(inputs[c].to(dtype)),
                         torch.empty(inputs.shape[0], width, dtype=dtype, device=inputs.device))
     held = _held_out(chain, heldout, config.chunk_size, dtype)
-    result = layerwise(chain, inputs, pattern, config.method, solver_options=options, dtype=dtype,
+    result = layerwise(chain, inputs, pattern, config.method, target, solver_options=options, dtype=dtype,
                        storage_dtype=storage or inputs.dtype, chunk_size=config.chunk_size, token_weights=token_weights)
     for stage, ws in zip(chain.stages, result.weights):
         for lin, w in zip(stage.linears, ws):
             lin.assign(w)
-    error = _squared_error(result.output, target, token_weights)
+    error = result.error
     held_error = None if held is None else held.error(result.weights)
     return ChainResult(result.solutions, error, _squared_error(target, None, token_weights), error, [], 0,
                        time.perf_counter() - started, held_error, None if held is None else held.reference, held_error)

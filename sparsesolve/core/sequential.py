@@ -18,7 +18,7 @@ from sparsesolve.core.chain import Chain, LinearMap, apply_linear
 from sparsesolve.core.patterns import Pattern
 from sparsesolve.core.solvers import LayerSolution, get_solver
 from sparsesolve.core.solvers.row_share import row_separable, solve_rows
-from sparsesolve.core.streaming import gram, map_tokens
+from sparsesolve.core.streaming import accumulate, gram, map_tokens, weigh
 
 __all__ = ["ChainSolve", "sequential_pass", "layerwise"]
 
@@ -29,17 +29,20 @@ StageSolver = Callable[[int, int, LinearMap, torch.Tensor, torch.Tensor], LayerS
 @dataclass
 class ChainSolve:
     """Weights of every linear (per stage, compute dtype, ``(out, in)``), their solutions by name, and
-    the chain's output on the calibration inputs with those weights (``N x d_out``, compute dtype)."""
+    the squared error ``sum_t w_t^2 ||f(x_t) - y_t||^2`` of the chain's output with those weights against
+    the target (over every rank's tokens when token sharded). The output itself is never stored: at a
+    7B width it would be one more ``N x d_out`` float32 array (2 GiB per 131,072 tokens) per candidate."""
 
     weights: list[list[torch.Tensor]]
     solutions: dict[str, LayerSolution]
-    output: torch.Tensor
+    error: float
 
 
 def sequential_pass(
     chain: Chain,
     inputs: torch.Tensor,
     solve: StageSolver,
+    target: torch.Tensor,
     *,
     dtype: torch.dtype,
     storage_dtype: torch.dtype,
@@ -47,7 +50,8 @@ def sequential_pass(
     first_gram: torch.Tensor | None = None,
     token_weights: torch.Tensor | None = None,
 ) -> ChainSolve:
-    """Solve stage by stage: Gram of the current (pruned) activations, solve each linear, propagate.
+    """Solve stage by stage: Gram of the current (pruned) activations, solve each linear, propagate;
+    the last stage's output is compared with ``target`` (``N x d_out``) chunk by chunk.
 
     ``first_gram``: the Gram of ``inputs`` when the caller has it already (it is not recomputed);
     ``token_weights`` (``N``): each token's weight in every Gram (``streaming.weigh``)."""
@@ -68,10 +72,15 @@ def sequential_pass(
             pres = [apply_linear(x, w, lin) for lin, w in zip(stage.linears, ws)]
             return pres[0] if stage is chain.stages[-1] else stage.activate(pres)
 
-        width = stage_weights[0].shape[0]
-        out = torch.empty(n_tokens, width, dtype=dtype if last else storage_dtype, device=inputs.device)
+        if last:
+            def squared(c: slice, forward: Callable[[slice], torch.Tensor] = forward) -> torch.Tensor:
+                gap = weigh(forward(c) - target[c].to(dtype), token_weights, c)
+                return (gap.to(torch.float64) ** 2).sum()
+
+            return ChainSolve(weights, solutions, float(accumulate(n_tokens, chunk_size, squared)))
+        out = torch.empty(n_tokens, stage_weights[0].shape[0], dtype=storage_dtype, device=inputs.device)
         acts = map_tokens(n_tokens, chunk_size, forward, out)
-    return ChainSolve(weights, solutions, acts)
+    raise ValueError("a chain has at least one stage")
 
 
 def layerwise(
@@ -79,6 +88,7 @@ def layerwise(
     inputs: torch.Tensor,
     pattern: Pattern,
     solver: str,
+    target: torch.Tensor,
     *,
     solver_options: dict[str, Any] | None = None,
     dtype: torch.dtype,
@@ -88,7 +98,7 @@ def layerwise(
     token_weights: torch.Tensor | None = None,
 ) -> ChainSolve:
     """Layer-wise pruning: each linear reconstructs its own dense weight on its pruned inputs
-    (``first_gram``, ``token_weights``: see ``sequential_pass``)."""
+    (``target``, ``first_gram``, ``token_weights``: see ``sequential_pass``)."""
     method = get_solver(solver)
     options = dict(solver_options or {})
 
@@ -98,5 +108,5 @@ def layerwise(
         return solve_rows(lambda rows: method(linear.weight[rows], h, pattern, compute_dtype=dtype, **options),
                           linear.weight.shape[0], separable)
 
-    return sequential_pass(chain, inputs, solve, dtype=dtype, storage_dtype=storage_dtype, chunk_size=chunk_size,
+    return sequential_pass(chain, inputs, solve, target, dtype=dtype, storage_dtype=storage_dtype, chunk_size=chunk_size,
                            first_gram=first_gram, token_weights=token_weights)
