@@ -10,8 +10,8 @@ loaded) holds, at the peak, which is the FFN step:
 
 - ``hidden``: the decoder layer's inputs, ``n d s``; ``ffn_inputs``: the FFN's inputs, ``n d s``.
 - ``workspace``: sparsellm ``(g + 2) n f s`` (``g`` pre-activations, the activation, the sequential pass's
-  activation) plus ``3 n d c`` (dense target, the start's and the iterate's outputs); a layer-wise method
-  ``n f s + 2 n d c``.
+  activation) plus ``n d c`` (the dense target; the candidates' outputs are compared with it chunk by
+  chunk, never stored); a layer-wise method ``n f s + n d c``.
 - ``chunks``: per-chunk temporaries of the elementwise updates, ``8 C f c`` (sparsellm) or ``3 C f c``.
 - ``statistics``: the Grams and the solver's factors of the widest linear, ``3 f^2 c + 3 d f c``.
 - ``layer``: the layer's weights, ``P b``.
@@ -46,7 +46,7 @@ def pruning_memory(*, tokens: int, d_model: int, d_ff: int, layer_params: int, m
     terms = {
         "hidden": n * d * s,
         "ffn_inputs": n * d * s,
-        "workspace": (g + 2) * n * f * s + 3 * n * d * c if coordinated else n * f * s + 2 * n * d * c,
+        "workspace": ((g + 2) if coordinated else 1) * n * f * s + n * d * c,
         "chunks": (8 if coordinated else 3) * chunk * f * c,
         "statistics": 3 * f * f * c + 3 * d * f * c,
         "layer": layer_params * param_bytes,
