@@ -101,3 +101,15 @@ def test_half_precision_models_are_discovered_and_pruned(model_type: str, dtype:
         weight = params.get(f"{name}.weight", params.get(name))
         assert weight.dtype == dtype and bool(torch.isfinite(weight).all())
         assert bool((weight[~mask] == 0).all()) and int(mask.sum()) == mask.numel() // 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_closest_activation_wins_not_the_first_within_tolerance(dtype: torch.dtype) -> None:
+    # BLOOM's config names no activation, so every one is a candidate; with large pre-activations ReLU is
+    # within bfloat16's tolerance of its tanh-GELU FFN (2-4 % off) and exact GELU within float32's
+    model = _model("bloom")
+    with torch.no_grad():
+        model.transformer.h[0].mlp.dense_h_to_4h.weight.mul_(40.0)
+    model = model.to(dtype)
+    first = get_adapter(model).layer_map(model, 0).ffn.stages[0]
+    assert first.activation.name == "gelu_tanh"

@@ -32,9 +32,10 @@ NEWTON_STEPS = 6
 HALVINGS = 4
 LOCAL_HALVINGS = 2
 POLISHED_STARTS = 2
-#: elements per block of the proximal updates: on a CPU blocks that stay in cache (about twice as fast as
-#: whole tensors); on a GPU large blocks (a 7B layer's 1.4e9 gate elements in 22 launches of each
-#: operation) whose temporaries stay near 256 MiB each instead of the whole tensor's 5.6 GiB
+#: elements per block of the proximal updates of smooth activations (identity and ReLU take one closed
+#: form on the whole tensor): on a CPU blocks that stay in cache (about twice as fast as whole tensors);
+#: on a GPU large blocks (a 7B layer's 1.4e9 gate elements in 22 launches of each operation) whose
+#: temporaries stay at 256 MiB each instead of the whole tensor's 5.3 GiB
 PROX_BLOCK = 2**18
 PROX_BLOCK_DEVICE = 2**26
 BISECTION_STEPS = 30

@@ -146,17 +146,19 @@ class HeldOut:
 
     def __init__(self, chain: Chain, tokens: torch.Tensor, chunk_size: int | None, dtype: torch.dtype) -> None:
         self.chain, self.tokens, self.chunk, self.dtype = chain, tokens, chunk_size, dtype
-        self.target = self._forward(None)
+        n, width = tokens.shape[0], chain.stages[-1].linear.weight.shape[0]
+        self.target = map_tokens(n, chunk_size, lambda c: chain.forward(tokens[c].to(dtype)),
+                                 torch.empty(n, width, dtype=dtype, device=tokens.device))
         self.reference = _squared_error(self.target, None)
 
-    def _forward(self, weights: list[list[torch.Tensor]] | None) -> torch.Tensor:
-        n, width = self.tokens.shape[0], self.chain.stages[-1].linear.weight.shape[0]
-        out = torch.empty(n, width, dtype=self.dtype, device=self.tokens.device)
-        return map_tokens(n, self.chunk, lambda c: self.chain.forward(self.tokens[c].to(self.dtype), weights), out)
-
     def error(self, weights: list[list[torch.Tensor]]) -> float:
-        """``||f_W(X_h) - Y_h||^2`` (over every rank's held-out tokens when token sharded)."""
-        return _squared_error(self._forward(weights), self.target)
+        """``||f_W(X_h) - Y_h||^2`` (over every rank's held-out tokens when token sharded), chunk by chunk:
+        the candidate's output is never stored."""
+        def part(c: slice) -> torch.Tensor:
+            gap = self.chain.forward(self.tokens[c].to(self.dtype), weights) - self.target[c]
+            return (gap.to(torch.float64) ** 2).sum()
+
+        return float(accumulate(self.tokens.shape[0], self.chunk, part))
 
 
 def _held_out(chain: Chain, tokens: torch.Tensor | None, chunk_size: int | None, dtype: torch.dtype) -> HeldOut | None:

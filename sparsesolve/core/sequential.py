@@ -54,7 +54,7 @@ def sequential_pass(
     the last stage's output is compared with ``target`` (``N x d_out``) chunk by chunk.
 
     ``first_gram``: the Gram of ``inputs`` when the caller has it already (it is not recomputed);
-    ``token_weights`` (``N``): each token's weight in every Gram (``streaming.weigh``)."""
+    ``token_weights`` (``N``): each token's weight in every Gram and in the error (``streaming.weigh``)."""
     n_tokens = inputs.shape[0]
     acts = inputs
     weights: list[list[torch.Tensor]] = []
@@ -80,7 +80,7 @@ def sequential_pass(
             return ChainSolve(weights, solutions, float(accumulate(n_tokens, chunk_size, squared)))
         out = torch.empty(n_tokens, stage_weights[0].shape[0], dtype=storage_dtype, device=inputs.device)
         acts = map_tokens(n_tokens, chunk_size, forward, out)
-    raise ValueError("a chain has at least one stage")
+    raise AssertionError("unreachable: Chain refuses a chain without stages")
 
 
 def layerwise(

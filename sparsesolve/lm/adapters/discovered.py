@@ -41,7 +41,7 @@ __all__ = ["DiscoveredAdapter", "DiscoveryError"]
 
 #: how close a candidate FFN or expert structure must reproduce the traced output (relative, float32)
 EXACT = 1e-4
-#: tolerance of a half-precision trace in units of its dtype's rounding (``_close``)
+#: tolerance of a half-precision trace in units of its dtype's rounding (``_tolerance``)
 ROUNDING = 4
 #: submodules of multimodal models that token ids never reach (their layers are not the decoder's)
 _TOWERS = {"vision_tower", "vision_model", "visual", "vision", "image_encoder", "audio_tower", "audio_model",
@@ -116,13 +116,19 @@ def _activations(config: Any) -> list[Activation]:
     return mapped
 
 
-def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """``||a - b|| <= tol ||b||`` with ``tol`` = ``EXACT``, or ``ROUNDING`` units of ``b``'s rounding for a
-    half-precision trace (``b``: the traced output; a bfloat16 Llama's FFN is 0.4 % off its float64
-    chain, an unmatched candidate 37 % and more)."""
-    tol = max(EXACT, ROUNDING * torch.finfo(b.dtype).eps) if b.is_floating_point() else EXACT
+def _gap(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``||a - b|| / ||b||`` in float64 (infinite where ``a`` is not finite): how far a candidate
+    structure's output ``a`` is from the traced output ``b``."""
     a, b = a.double(), b.double().to(a.device)
-    return bool(torch.isfinite(a).all()) and float((a - b).norm()) <= tol * max(float(b.norm()), 1e-12)
+    if not bool(torch.isfinite(a).all()):
+        return float("inf")
+    return float((a - b).norm()) / max(float(b.norm()), 1e-12)
+
+
+def _tolerance(traced: torch.Tensor) -> float:
+    """The largest ``_gap`` accepted for the best candidate: ``EXACT``, or ``ROUNDING`` units of the traced
+    dtype's rounding for a half-precision trace (a bfloat16 Llama FFN is 0.4 % off its float64 chain)."""
+    return max(EXACT, ROUNDING * torch.finfo(traced.dtype).eps) if traced.is_floating_point() else EXACT
 
 
 def _groups(calls: list[_Call]) -> list[list[_Call]]:
@@ -168,12 +174,18 @@ def _dense_chain(prefix: str, calls: list[_Call], activations: list[Activation])
     elif len(first) == 2:
         for up, gate in ((first[0], first[1]), (first[1], first[0])):
             candidates.append(lambda act, u=up, g=gate: Chain([GatedStage(_map(prefix, u), _map(prefix, g), act), down]))
-    for build in candidates:
-        for act in activations:
-            chain = build(act)
-            with torch.no_grad():
-                if _close(chain.forward(x.reshape(-1, x.shape[-1]).double()), target.reshape(-1, target.shape[-1])):
-                    return chain
+    # the closest candidate wins, within the trace's tolerance: under bfloat16's rounding the first one
+    # within it could be a near miss (ReLU for a tanh-GELU FFN with large pre-activations is 2-4 % off)
+    scored = []
+    with torch.no_grad():
+        for build in candidates:
+            for act in activations:
+                chain = build(act)
+                scored.append((_gap(chain.forward(x.reshape(-1, x.shape[-1]).double()), target.reshape(-1, target.shape[-1])), chain))
+    if scored:
+        gap, chain = min(scored, key=lambda pair: pair[0])
+        if gap <= _tolerance(target):
+            return chain
     raise DiscoveryError(f"FFN {', '.join(c.name for c in calls)} is not B(act(A x)) or B(act(gate x) * up x) with "
                          f"activation {', '.join(a.name for a in activations)}")
 
@@ -201,6 +213,7 @@ def _experts(prefix: str, call: _Call, activations: list[Activation]) -> Experts
         return Chain([GatedStage(up, gate, act), out])
 
     x = hidden.reshape(-1, hidden.shape[-1]).double()
+    scored = []
     for act in activations:
         chains = [expert(e, act) for e in range(count)]
         total = torch.zeros(x.shape[0], hidden.shape[-1], dtype=torch.float64, device=x.device)
@@ -213,7 +226,10 @@ def _experts(prefix: str, call: _Call, activations: list[Activation]) -> Experts
                         total.index_add_(0, rows, scale * chain.forward(x[rows]))
         except RuntimeError:  # shapes of another layout
             break
-        if _close(total, call.output.reshape(total.shape)):
+        scored.append((_gap(total, call.output.reshape(total.shape)), chains))
+    if scored:
+        gap, chains = min(scored, key=lambda pair: pair[0])
+        if gap <= _tolerance(call.output):
             return ExpertsMap(path, module, chains)
     raise DiscoveryError(f"experts {path} are not sum_k w_k down_k(act(gate_k x) * up_k x) in the fused [gate; up] "
                          "layout with the config's activation")
