@@ -148,13 +148,24 @@ def _against_base(profile: str, scope: str, folder: Path, suffixes: tuple[str, .
             variants = [(name, runs[f"{key}_{name}"]) for name in suffixes if f"{key}_{name}" in runs]
             if base is None or not variants or base["perplexity"] is None:
                 continue
-            for name, run in [("", base), *variants]:
+            # a variant is compared with the plain run of its own ridge (sparsellm's default changed
+            # between runs; the earlier plain runs are kept with the suffix ``ridgenone``)
+            bases = [("", base)] + [(k[len(key) + 1:], r) for k, r in runs.items()
+                                    if k.startswith(f"{key}_ridge") and r["perplexity"] is not None]
+            paired = [(name, run, next((b for _, b in bases if _ridge(b) == _ridge(run)), base)) for name, run in variants]
+            used = [(name, b, b) for name, b in bases if any(p[2] is b for p in paired)] or [("", base, base)]
+            for name, run, own in [*used, *paired]:
                 if run["perplexity"] is None:
                     continue
-                corpora = [c for c in base["perplexity"] if c in run["perplexity"]]
+                corpora = [c for c in own["perplexity"] if c in run["perplexity"]]
                 shared = corpora if shared is None else [c for c in shared if c in corpora]
-                rows.append((method, pattern, name, run, base))
+                rows.append((method, pattern, name, run, own))
     return rows, shared or []
+
+
+def _ridge(run: dict) -> float | None:
+    """The ridge a sparsellm run used (None for none, and for every other method)."""
+    return (run.get("sparsellm_options") or {}).get("ridge")
 
 
 def _perplexity_cells(run: dict, base: dict, corpora: list[str]) -> tuple[str, str]:
@@ -177,7 +188,8 @@ def allocation_table(profile: str = "p1", scope: str = "full", folder: Path = PP
     for method, pattern, name, run, base in rows:
         spread = run["layer_sparsity"].values()
         ppl, change = _perplexity_cells(run, base, shared)
-        out.append(f"| {method} | {pattern} | {name or 'uniform'} | {min(spread):.3f}-{max(spread):.3f} | {ppl} | {change} |")
+        label = (f"uniform ({name})" if name else "uniform") if run is base else name
+        out.append(f"| {method} | {pattern} | {label} | {min(spread):.3f}-{max(spread):.3f} | {ppl} | {change} |")
     return "\n".join(out) + "\n"
 
 
