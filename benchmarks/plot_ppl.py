@@ -82,7 +82,7 @@ def plot(profile: str, scope: str, folder: Path = PPL, out: Path = RESULTS) -> P
     for ax, corpus in zip(axes[0], corpora):
         for method in METHODS:
             points = [(float(p), runs[method, p]["perplexity"][corpus]) for p in PATTERNS
-                      if ":" not in p and (method, p) in runs and runs[method, p]["perplexity"]]
+                      if ":" not in p and (method, p) in runs and corpus in (runs[method, p]["perplexity"] or {})]
             if points:
                 ax.plot(*zip(*points), marker="o", label=method)
         ax.axhline(dense[corpus], color="gray", linestyle="--", label="dense")
