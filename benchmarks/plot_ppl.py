@@ -84,7 +84,7 @@ def plot(profile: str, scope: str, folder: Path = PPL, out: Path = RESULTS) -> P
             points = [(float(p), runs[method, p]["perplexity"][corpus]) for p in PATTERNS
                       if ":" not in p and (method, p) in runs and corpus in (runs[method, p]["perplexity"] or {})]
             if points:
-                ax.plot(*zip(*points), marker="o", label=method)
+                ax.plot(*zip(*points), marker="o", label=method, color=f"C{METHODS.index(method)}")
         ax.axhline(dense[corpus], color="gray", linestyle="--", label="dense")
         ax.set(yscale="log", xlabel="sparsity (unstructured, per row)", ylabel="perplexity",
                title=f"{corpus} ({profile}, {scope} model)")
