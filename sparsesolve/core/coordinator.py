@@ -66,7 +66,7 @@ from sparsesolve.core.patterns import Pattern
 from sparsesolve.core.sequential import layerwise, sequential_pass
 from sparsesolve.core.solvers import LayerProblem, LayerSolution, cg_refit, get_solver, refit
 from sparsesolve.core.solvers.row_share import row_separable, solve_rows
-from sparsesolve.core.streaming import accumulate, gram, map_tokens, token_chunks, weigh
+from sparsesolve.core.streaming import accumulate, gram, map_tokens, squared_error, token_chunks, weigh
 
 __all__ = ["ChainResult", "CoordinatorState", "HeldOut", "sparsellm", "prune_chain", "trust_region_cross"]
 
@@ -154,11 +154,8 @@ class HeldOut:
     def error(self, weights: list[list[torch.Tensor]]) -> float:
         """``||f_W(X_h) - Y_h||^2`` (over every rank's held-out tokens when token sharded), chunk by chunk:
         the candidate's output is never stored."""
-        def part(c: slice) -> torch.Tensor:
-            gap = self.chain.forward(self.tokens[c].to(self.dtype), weights) - self.target[c]
-            return (gap.to(torch.float64) ** 2).sum()
-
-        return float(accumulate(self.tokens.shape[0], self.chunk, part))
+        return squared_error(self.tokens.shape[0], self.chunk,
+                             lambda c: self.chain.forward(self.tokens[c].to(self.dtype), weights), self.target)
 
 
 def _held_out(chain: Chain, tokens: torch.Tensor | None, chunk_size: int | None, dtype: torch.dtype) -> HeldOut | None:

@@ -18,7 +18,7 @@ from sparsesolve.core.chain import Chain, LinearMap, apply_linear
 from sparsesolve.core.patterns import Pattern
 from sparsesolve.core.solvers import LayerSolution, get_solver
 from sparsesolve.core.solvers.row_share import row_separable, solve_rows
-from sparsesolve.core.streaming import accumulate, gram, map_tokens, weigh
+from sparsesolve.core.streaming import gram, map_tokens, squared_error
 
 __all__ = ["ChainSolve", "sequential_pass", "layerwise"]
 
@@ -73,11 +73,7 @@ def sequential_pass(
             return pres[0] if stage is chain.stages[-1] else stage.activate(pres)
 
         if last:
-            def squared(c: slice, forward: Callable[[slice], torch.Tensor] = forward) -> torch.Tensor:
-                gap = weigh(forward(c) - target[c].to(dtype), token_weights, c)
-                return (gap.to(torch.float64) ** 2).sum()
-
-            return ChainSolve(weights, solutions, float(accumulate(n_tokens, chunk_size, squared)))
+            return ChainSolve(weights, solutions, squared_error(n_tokens, chunk_size, forward, target, token_weights))
         out = torch.empty(n_tokens, stage_weights[0].shape[0], dtype=storage_dtype, device=inputs.device)
         acts = map_tokens(n_tokens, chunk_size, forward, out)
     raise AssertionError("unreachable: Chain refuses a chain without stages")

@@ -15,7 +15,7 @@ import torch
 
 from sparsesolve.core.distributed import reduce
 
-__all__ = ["token_chunks", "accumulate", "map_tokens", "gram", "weigh"]
+__all__ = ["token_chunks", "accumulate", "map_tokens", "gram", "squared_error", "weigh"]
 
 
 
@@ -66,6 +66,17 @@ def gram(inputs: torch.Tensor, chunk_size: int | None, dtype: torch.dtype,
         return x.T @ x
 
     return accumulate(inputs.shape[0], chunk_size, part)
+
+
+def squared_error(n_tokens: int, chunk_size: int | None, output: Callable[[slice], torch.Tensor], target: torch.Tensor,
+                  weights: torch.Tensor | None = None) -> float:
+    """``sum_t w_t^2 ||output_t - target_t||^2`` with ``output(chunk)`` computed chunk by chunk and never
+    stored, summed in float64 and over the ranks when token sharded (``target``: ``N x d``)."""
+    def part(c: slice) -> torch.Tensor:
+        out = output(c)
+        return (weigh(out - target[c].to(out.dtype), weights, c).to(torch.float64) ** 2).sum()
+
+    return float(accumulate(n_tokens, chunk_size, part))
 
 
 def weigh(rows: torch.Tensor, weights: torch.Tensor | None, chunk: slice) -> torch.Tensor:
