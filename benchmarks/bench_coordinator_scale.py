@@ -18,9 +18,10 @@ deviations scaled by ``sqrt(576 / fan_in)``, so the activations keep the real la
 With ``--count-ops`` each method runs once more under ``torch.profiler`` (untimed): the operators it
 launches, a proxy for the launch overhead a GPU pays, and where its CPU time goes.
 
-With ``--whole-model`` on a GPU (or any device given) it also times ``sparsesolve.prune`` on a
-random-init Llama of ``--model-shape`` (default the 7B shape, 2 decoder layers) with
-``--model-windows`` x ``--model-seq-len`` random token windows, both methods, with peak device memory.
+With ``--whole-model`` it also times ``sparsesolve.prune`` on a random-init Llama of ``--model-shape``
+(default the 7B shape, 2 decoder layers) with ``--model-windows`` x ``--model-seq-len`` random token
+windows, both methods, with peak memory: allocated device memory on a GPU, the process's resident
+memory on the CPU. Each device type keeps its own whole-model rows.
 
 Writes (merging rows by key) ``benchmarks/results/coordinator_scale.json``.
 """
@@ -113,11 +114,13 @@ def warm_up(device: torch.device) -> None:
 
 
 def time_methods(ffn: torch.nn.Module, x: torch.Tensor, pattern: str, ops: bool = False) -> dict[str, Any]:
-    """Prune copies of ``ffn`` with sparsegpt and sparsellm; seconds, errors, refit iterations and, on a
-    GPU, the peak memory each adds to what was allocated before it (with ``ops``, also ``count_ops`` of
-    each in a separate, untimed run)."""
+    """Prune copies of ``ffn`` with sparsegpt and sparsellm; seconds, errors, refit iterations and the
+    peak memory each adds to what was there before it: allocated device memory on a GPU, resident
+    memory on the CPU (the high-water mark reset before each, the freed heap handed back first; with
+    ``ops``, also ``count_ops`` of each in a separate, untimed run)."""
     import sparsesolve as ss
     from sparsesolve.core.config import SparseLLMConfig
+    from sparsesolve.lm.environment import release_free_memory, stage_peak
 
     out: dict[str, Any] = {}
     for method, options in (("sparsegpt", {}), ("sparsellm", {"sparsellm": SparseLLMConfig.for_language_models()})):
@@ -126,12 +129,16 @@ def time_methods(ffn: torch.nn.Module, x: torch.Tensor, pattern: str, ops: bool 
         if x.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
             before = torch.cuda.memory_allocated()
-        started = time.perf_counter()
-        result = ss.prune(model, x, method=method, pattern=pattern, **options)
-        _sync(x.device)
-        out[f"{method}_s"] = time.perf_counter() - started
+        release_free_memory()
+        with stage_peak() as resident:
+            started = time.perf_counter()
+            result = ss.prune(model, x, method=method, pattern=pattern, **options)
+            _sync(x.device)
+            out[f"{method}_s"] = time.perf_counter() - started
         if x.device.type == "cuda":
             out[f"{method}_peak_gb"] = (torch.cuda.max_memory_allocated() - before) / 2**30
+        else:
+            out[f"{method}_peak_gb"] = (resident.peak_mb - resident.before_mb) / 1024
         out[f"{method}_error"] = result.relative_error
         if ops:
             out[f"{method}_profile"] = count_ops(ffn, x, pattern, method, options)
@@ -147,10 +154,13 @@ def time_methods(ffn: torch.nn.Module, x: torch.Tensor, pattern: str, ops: bool 
 def whole_model(shape: str, layers: int, windows: int, seq_len: int, pattern: str, device: str,
                 dtype: str = "float32") -> list[dict[str, Any]]:
     """Both methods on a random-init Llama of ``shape`` (``HIDDENxFFN``) in ``dtype`` (the stored
-    activations take it too): wall seconds and peak memory."""
+    activations take it too): wall seconds and peak memory (allocated device memory on a GPU; on the
+    CPU the process's resident memory, model and libraries included, its high-water mark reset before
+    each method)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import sparsesolve as ss
+    from sparsesolve.lm.environment import release_free_memory, stage_peak
 
     hidden, ffn = (int(v) for v in shape.split("x"))
     config = LlamaConfig(hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
@@ -164,13 +174,19 @@ def whole_model(shape: str, layers: int, windows: int, seq_len: int, pattern: st
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         _sync(torch.device(device))
-        started = time.perf_counter()
-        result = ss.prune(model, tokens, method=method, pattern=pattern, progress=False)
-        _sync(torch.device(device))
+        release_free_memory()
+        with stage_peak() as resident:
+            started = time.perf_counter()
+            result = ss.prune(model, tokens, method=method, pattern=pattern, progress=False)
+            _sync(torch.device(device))
+            wall = time.perf_counter() - started
+        on_gpu = device.startswith("cuda")
         rows.append({"model_shape": shape, "layers": layers, "windows": windows, "seq_len": seq_len, "pattern": pattern,
-                     "dtype": dtype, "device": device, "method": method, "wall_s": time.perf_counter() - started,
+                     "dtype": dtype, "device": device, "method": method, "wall_s": wall,
                      "solve_s": result.solve_seconds, "forward_s": result.forward_seconds,
-                     "peak_device_gb": torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None})
+                     "peak_device_gb": torch.cuda.max_memory_allocated() / 2**30 if on_gpu else None,
+                     "peak_resident_gb": None if on_gpu else resident.peak_mb / 1024,
+                     "threads": torch.get_num_threads()})
         print(json.dumps(rows[-1]), flush=True)
         del model
     return rows
@@ -193,7 +209,7 @@ def table(folder: Path = RESULTS) -> str:
     sources = "; ".join(f"{device}: {_source(meta)}" for device, meta in sorted(data["meta_by_device"].items()))
     out = "\n".join(lines) + f"\n\n_Source: {sources}._\n"
     if data.get("whole_model"):
-        out += "\n" + _whole_model_table(data["whole_model"], data["whole_model_meta"])
+        out += "\n" + _whole_model_table(data["whole_model"], data["whole_model_meta_by_device"])
     return out
 
 
@@ -203,17 +219,20 @@ def _source(meta: dict[str, Any]) -> str:
     return f"`{meta['command']}` at commit `{commit}`, {meta['date']}, {machine}, torch {meta['versions']['torch']}"
 
 
-def _whole_model_table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
-    """Both methods on the random-init Llama, per dtype: wall seconds and peak device memory, and the ratios."""
-    lines = ["| model (layers) | tokens | pattern | dtype | sparsegpt s | sparsellm s | ratio | peak GiB sparsegpt | "
-             "peak GiB sparsellm | ratio |", "|---|---:|---|---|---:|---:|---:|---:|---:|---:|"]
-    for dtype in dict.fromkeys(r["dtype"] for r in rows):
-        gpt, llm = (next(r for r in rows if r["dtype"] == dtype and r["method"] == m) for m in ("sparsegpt", "sparsellm"))
-        a, b = gpt["peak_device_gb"], llm["peak_device_gb"]
+def _whole_model_table(rows: list[dict[str, Any]], meta_by_device: dict[str, dict[str, Any]]) -> str:
+    """Both methods on the random-init Llama, per device and dtype: wall seconds, peak memory (device
+    memory on a GPU, resident memory on the CPU) and the ratios."""
+    lines = ["| model (layers) | tokens | pattern | device | dtype | sparsegpt s | sparsellm s | ratio | peak GiB sparsegpt | "
+             "peak GiB sparsellm | ratio |", "|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for device, dtype in dict.fromkeys((r["device"], r["dtype"]) for r in rows):
+        gpt, llm = (next(r for r in rows if (r["device"], r["dtype"], r["method"]) == (device, dtype, m))
+                    for m in ("sparsegpt", "sparsellm"))
+        a, b = (r["peak_device_gb"] or r.get("peak_resident_gb") for r in (gpt, llm))
         memory = f"{a:.1f} | {b:.1f} | {b / a:.2f}x" if a and b else "- | - | -"
         lines.append(f"| Llama {gpt['model_shape']} ({gpt['layers']}) | {gpt['windows'] * gpt['seq_len']:,} | {gpt['pattern']} | "
-                     f"{dtype} | {gpt['wall_s']:.1f} | {llm['wall_s']:.1f} | {llm['wall_s'] / gpt['wall_s']:.2f}x | {memory} |")
-    return "\n".join(lines) + f"\n\n_Source: {_source(meta)}._\n"
+                     f"{device} | {dtype} | {gpt['wall_s']:.1f} | {llm['wall_s']:.1f} | {llm['wall_s'] / gpt['wall_s']:.2f}x | {memory} |")
+    sources = "; ".join(f"{device}: {_source(meta)}" for device, meta in sorted(meta_by_device.items()))
+    return "\n".join(lines) + f"\n\n_Source: {sources}._\n"
 
 
 def _sync(device: torch.device) -> None:
@@ -245,6 +264,8 @@ def main() -> None:
     tokens = args.tokens or (131072 if args.device.startswith("cuda") else 8192)
     path = args.out / f"{args.name}.json"
     payload = json.loads(path.read_text()) if path.exists() else {"rows": [], "whole_model": []}
+    if "whole_model_meta" in payload:  # files written before the CPU rows: their whole model ran on the GPU
+        payload["whole_model_meta_by_device"] = {"cuda": payload.pop("whole_model_meta")}
     payload["meta"] = metadata("benchmarks.bench_coordinator_scale", args.seed)
     payload.setdefault("meta_by_device", {})[torch.device(args.device).type] = payload["meta"]
     payload["commands"] = list(dict.fromkeys([*payload.get("commands", []), payload["meta"]["command"]]))
@@ -267,11 +288,13 @@ def main() -> None:
                    "threads": torch.get_num_threads(), "source": source, **time_methods(ffn, x, pattern, args.count_ops)}
             keep(row)
             print(json.dumps(row), flush=True)
-    if args.whole_model:
-        payload["whole_model"] = [row for dtype in args.model_dtypes.split(",") for row in whole_model(
-            args.model_shape, args.model_layers, args.model_windows, args.model_seq_len, args.patterns.split(",")[0],
-            args.device, dtype)]
-        payload["whole_model_meta"] = payload["meta"]
+    if args.whole_model:  # replaces the rows of this device type
+        device_type = torch.device(args.device).type
+        payload["whole_model"] = [r for r in payload.get("whole_model", []) if torch.device(r["device"]).type != device_type] + [
+            row for dtype in args.model_dtypes.split(",") for row in whole_model(
+                args.model_shape, args.model_layers, args.model_windows, args.model_seq_len, args.patterns.split(",")[0],
+                args.device, dtype)]
+        payload.setdefault("whole_model_meta_by_device", {})[device_type] = payload["meta"]
         write_json(args.name, payload, args.out)
     print(f"wrote {path}")
 

@@ -168,7 +168,8 @@ def test_coordinator_scale_benchmark_smoke(tmp_path, monkeypatch) -> None:
     assert row["sparsellm_error"] <= row["sparsegpt_error"] and row["sparsellm_profile"]["ops"] > row["sparsegpt_profile"]["ops"] > 0
     assert [r["method"] for r in data["whole_model"]] == ["sparsegpt", "sparsellm"]
     table = bench_coordinator_scale.table(tmp_path)
-    assert "| 64 x 128 | synthetic | 512 | 2:4 |" in table and "| Llama 64x128 (1) | 64 | 2:4 | float32 |" in table
+    assert "| 64 x 128 | synthetic | 512 | 2:4 |" in table and "| Llama 64x128 (1) | 64 | 2:4 | cpu | float32 |" in table
+    assert row["sparsellm_peak_gb"] >= 0 and data["whole_model"][0]["peak_resident_gb"] > 0
 
 
 def test_distributed_benchmark_smoke(tmp_path, monkeypatch, tiny_folder) -> None:
