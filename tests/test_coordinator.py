@@ -187,3 +187,36 @@ def test_token_weights_count_like_repeated_tokens(method: str, build: object) ->
     assert a.start_error == pytest.approx(b.start_error, rel=1e-6)
     for p, q in zip(weighted.parameters(), repeated.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("build", [relu_mlp, gated_mlp], ids=["relu3", "gated"])
+def test_lending_the_last_activation_to_the_passes_changes_no_iterate(build: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The passes write their activations before the output linear into the auxiliary ``a_{L-2}``
+    (one ``N x d_ff`` array less); the weights, errors and history are those of separate storage."""
+    from sparsesolve.core.coordinator import CoordinatorState
+
+    dense, x = build(7), correlated_inputs(400, 16, seed=7)
+    lent = ss.prune(copy.deepcopy(dense), x, method="sparsellm", pattern="0.7", iterations=3, trace=False)
+    monkeypatch.setattr(CoordinatorState, "lendable", property(lambda self: None))
+    separate = ss.prune(copy.deepcopy(dense), x, method="sparsellm", pattern="0.7", iterations=3, trace=False)
+    assert lent.error == separate.error and lent.start_error == separate.start_error
+    assert [h["error"] for h in lent.history] == [h["error"] for h in separate.history]
+    for name, solution in lent.solutions.items():
+        assert torch.equal(solution.weight, separate.solutions[name].weight), name
+
+
+def test_a_pass_writes_the_last_input_where_it_is_told() -> None:
+    """``layerwise(last_input=buffer)``: the buffer ends holding the pruned activations before the
+    output linear (the chain's forward with the returned weights)."""
+    from sparsesolve.core.sequential import layerwise
+
+    model, x = relu_mlp(8), correlated_inputs(200, 16, seed=8)
+    chain = ss.Chain.from_module(model)
+    target = chain.forward(x)
+    buffer = torch.full((200, 48), float("nan"), dtype=torch.float64)
+    result = layerwise(chain, x, parse_pattern("0.5"), "sparsegpt", target, dtype=torch.float64,
+                       storage_dtype=torch.float64, last_input=buffer)
+    a = x
+    for stage, ws in zip(chain.stages[:-1], result.weights[:-1]):
+        a = stage.activate([a @ w.T + lin.bias for lin, w in zip(stage.linears, ws)])
+    torch.testing.assert_close(buffer, a)

@@ -28,7 +28,10 @@ a consistency refit on the true ones) by one: the solve on auxiliary inputs only
 auxiliary update, and steering it with the consistent weights instead costs one solve per linear and
 iteration instead of two (the P1 runs and the scale benchmark in README.md measure what it costs and
 gains). ``F`` is not monotone across step 2 (the weights fit the true inputs,
-not the auxiliaries); keep-best guards the result.
+not the auxiliaries); keep-best guards the result. The passes write their pruned activations before
+the output linear into the storage of ``a_{L-2}`` (``CoordinatorState.lendable``), which step 1
+rewrites before reading it: one ``N x d_ff`` array less at an FFN's peak, the same iterates (the
+objective recorded before step 1 is then taken at those activations).
 
 Only the ratios ``beta / gamma`` and ``alpha / gamma`` matter: scaling all three by a common factor
 leaves every update unchanged.
@@ -195,6 +198,14 @@ class CoordinatorState:
         out = torch.empty(self.n, width, dtype=dtype or self.storage, device=self.inputs.device)
         return map_tokens(self.n, self.chunk, fn, out)
 
+    @property
+    def lendable(self) -> torch.Tensor | None:
+        """The auxiliary activation ``a_{L-2}`` (None for a single stage), whose storage the sequential
+        passes may overwrite with their pruned activations: ``a_{L-2}`` is read only after its own
+        update rewrites it (``update_activation`` reads ``z_{L-2}``, not ``a_{L-2}``), while an earlier
+        ``a_l`` is read by the pre-activation update of stage ``l + 1`` before its own update."""
+        return self.acts[-1] if self.acts else None
+
     def stage_input(self, l: int) -> torch.Tensor:
         return self.inputs if l == 0 else self.acts[l - 1]
 
@@ -324,7 +335,8 @@ def sparsellm(
     reference = _squared_error(state.target, None, token_weights)
 
     start = layerwise(chain, inputs, pattern, solver, state.target, solver_options=options, dtype=dtype, storage_dtype=storage,
-                      chunk_size=chunk_size, first_gram=state.input_gram, token_weights=token_weights)
+                      chunk_size=chunk_size, first_gram=state.input_gram, token_weights=token_weights,
+                      last_input=state.lendable)
     best, best_error, best_iteration = start, start.error, 0
     start_error = best_error
     start_held = best_held = None if held is None else held.error(start.weights)
@@ -367,7 +379,7 @@ def sparsellm(
             return solve_rows(rows_solve, linear.weight.shape[0], separable)
 
         current = sequential_pass(chain, inputs, solve, state.target, dtype=dtype, storage_dtype=storage, chunk_size=chunk_size,
-                                  first_gram=state.input_gram, token_weights=token_weights)
+                                  first_gram=state.input_gram, token_weights=token_weights, last_input=state.lendable)
         error = current.error
         held_error = None if held is None else held.error(current.weights)
         history.append({"iteration": iteration, "objective_trace": objective_trace, "error": error,

@@ -49,12 +49,16 @@ def sequential_pass(
     chunk_size: int | None,
     first_gram: torch.Tensor | None = None,
     token_weights: torch.Tensor | None = None,
+    last_input: torch.Tensor | None = None,
 ) -> ChainSolve:
     """Solve stage by stage: Gram of the current (pruned) activations, solve each linear, propagate;
     the last stage's output is compared with ``target`` (``N x d_out``) chunk by chunk.
 
     ``first_gram``: the Gram of ``inputs`` when the caller has it already (it is not recomputed);
-    ``token_weights`` (``N``): each token's weight in every Gram and in the error (``streaming.weigh``)."""
+    ``token_weights`` (``N``): each token's weight in every Gram and in the error (``streaming.weigh``);
+    ``last_input``: where to write the last stage's input (the pruned activations before the output
+    linear, ``N x width``, ``storage_dtype``) instead of a new array: the coordinator lends its
+    auxiliary activation, dead at that point, and saves one ``N x d_ff`` array at the FFN's peak."""
     n_tokens = inputs.shape[0]
     acts = inputs
     weights: list[list[torch.Tensor]] = []
@@ -74,7 +78,8 @@ def sequential_pass(
 
         if last:
             return ChainSolve(weights, solutions, squared_error(n_tokens, chunk_size, forward, target, token_weights))
-        out = torch.empty(n_tokens, stage_weights[0].shape[0], dtype=storage_dtype, device=inputs.device)
+        out = last_input if l == len(chain.stages) - 2 and last_input is not None else torch.empty(
+            n_tokens, stage_weights[0].shape[0], dtype=storage_dtype, device=inputs.device)
         acts = map_tokens(n_tokens, chunk_size, forward, out)
     raise AssertionError("unreachable: Chain refuses a chain without stages")
 
@@ -92,9 +97,10 @@ def layerwise(
     chunk_size: int | None = None,
     first_gram: torch.Tensor | None = None,
     token_weights: torch.Tensor | None = None,
+    last_input: torch.Tensor | None = None,
 ) -> ChainSolve:
     """Layer-wise pruning: each linear reconstructs its own dense weight on its pruned inputs
-    (``target``, ``first_gram``, ``token_weights``: see ``sequential_pass``)."""
+    (``target``, ``first_gram``, ``token_weights``, ``last_input``: see ``sequential_pass``)."""
     method = get_solver(solver)
     options = dict(solver_options or {})
 
@@ -105,4 +111,4 @@ def layerwise(
                           linear.weight.shape[0], separable)
 
     return sequential_pass(chain, inputs, solve, target, dtype=dtype, storage_dtype=storage_dtype, chunk_size=chunk_size,
-                           first_gram=first_gram, token_weights=token_weights)
+                           first_gram=first_gram, token_weights=token_weights, last_input=last_input)

@@ -9,9 +9,10 @@ The layer being pruned (on the device with ``device=``; the rest of the model st
 loaded) holds, at the peak, which is the FFN step:
 
 - ``hidden``: the decoder layer's inputs, ``n d s``; ``ffn_inputs``: the FFN's inputs, ``n d s``.
-- ``workspace``: sparsellm ``(g + 2) n f s`` (``g`` pre-activations, the activation, the sequential pass's
-  activation) plus ``n d c`` (the dense target; the candidates' outputs are compared with it chunk by
-  chunk, never stored); a layer-wise method ``n f s + n d c``.
+- ``workspace``: sparsellm ``(g + 1) n f s`` (``g`` pre-activations and the activation, whose storage
+  the sequential passes reuse for their own activation) plus ``n d c`` (the dense target; the
+  candidates' outputs are compared with it chunk by chunk, never stored); a layer-wise method
+  ``n f s + n d c``.
 - ``chunks``: per-chunk temporaries of the elementwise updates, ``8 C f c`` (sparsellm) or ``3 C f c``.
 - ``statistics``: the Grams and the solver's factors of the widest linear, ``3 f^2 c + 3 d f c``.
 - ``layer``: the layer's weights, ``P b``.
@@ -46,7 +47,7 @@ def pruning_memory(*, tokens: int, d_model: int, d_ff: int, layer_params: int, m
     terms = {
         "hidden": n * d * s,
         "ffn_inputs": n * d * s,
-        "workspace": ((g + 2) if coordinated else 1) * n * f * s + n * d * c,
+        "workspace": ((g + 1) if coordinated else 1) * n * f * s + n * d * c,
         "chunks": (8 if coordinated else 3) * chunk * f * c,
         "statistics": 3 * f * f * c + 3 * d * f * c,
         "layer": layer_params * param_bytes,
