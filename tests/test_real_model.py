@@ -49,3 +49,23 @@ def test_pruning_two_layers_on_real_text(smollm2) -> None:
     assert errors["sparsellm"] < errors["sparsegpt"]
     for value in ppl.values():
         assert dense_ppl < value < 2 * dense_ppl
+
+
+def test_a_conversion_that_loses_the_race_uses_the_winners_copy(tmp_path, monkeypatch) -> None:
+    """Two processes converting the bundled model at once: the one renaming second finds the folder
+    taken and uses it (the benchmark runner's parallel jobs did this and one failed with OSError)."""
+    from sparsesolve.lm import models
+
+    monkeypatch.setenv("SPARSESOLVE_CACHE", str(tmp_path))
+    final = tmp_path / "models" / "smollm2-135m"
+
+    def convert(_gguf, staging) -> None:
+        (staging / "config.json").write_text("{}")
+        final.mkdir(parents=True)  # the other process finishes first
+        (final / "config.json").write_text('{"winner": true}')
+        (final / "model.safetensors").write_text("")
+
+    monkeypatch.setattr(models, "_convert_gguf", convert)
+    assert models.bundled_folder("smollm2-135m") == final
+    assert (final / "config.json").read_text() == '{"winner": true}'
+    assert [p.name for p in (tmp_path / "models").iterdir()] == ["smollm2-135m"]  # no staging left behind

@@ -54,7 +54,11 @@ def bundled_folder(name: str) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=folder.parent))
     try:
         _convert_gguf(gguf_path, staging)
-        os.replace(staging, folder)
+        try:
+            os.replace(staging, folder)
+        except OSError:  # another process converted it at the same time and renamed first: use its copy
+            if not (folder / "config.json").exists():
+                raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return folder

@@ -131,6 +131,17 @@ def _tolerance(traced: torch.Tensor) -> float:
     return max(EXACT, ROUNDING * torch.finfo(traced.dtype).eps) if traced.is_floating_point() else EXACT
 
 
+def _closest(scored: list[tuple[float, Any]], traced: torch.Tensor) -> Any:
+    """The candidate of ``(gap, candidate)`` pairs with the smallest gap, or None when even that one is
+    beyond the trace's ``_tolerance``. The closest wins rather than the first within tolerance: under
+    bfloat16's rounding the first could be a near miss (ReLU for a tanh-GELU FFN with large
+    pre-activations is 2-4 % off)."""
+    if not scored:
+        return None
+    gap, best = min(scored, key=lambda pair: pair[0])
+    return best if gap <= _tolerance(traced) else None
+
+
 def _groups(calls: list[_Call]) -> list[list[_Call]]:
     """Calls grouped by the input tensor they read, in call order."""
     groups: list[list[_Call]] = []
@@ -174,18 +185,15 @@ def _dense_chain(prefix: str, calls: list[_Call], activations: list[Activation])
     elif len(first) == 2:
         for up, gate in ((first[0], first[1]), (first[1], first[0])):
             candidates.append(lambda act, u=up, g=gate: Chain([GatedStage(_map(prefix, u), _map(prefix, g), act), down]))
-    # the closest candidate wins, within the trace's tolerance: under bfloat16's rounding the first one
-    # within it could be a near miss (ReLU for a tanh-GELU FFN with large pre-activations is 2-4 % off)
     scored = []
     with torch.no_grad():
         for build in candidates:
             for act in activations:
                 chain = build(act)
                 scored.append((_gap(chain.forward(x.reshape(-1, x.shape[-1]).double()), target.reshape(-1, target.shape[-1])), chain))
-    if scored:
-        gap, chain = min(scored, key=lambda pair: pair[0])
-        if gap <= _tolerance(target):
-            return chain
+    closest = _closest(scored, target)
+    if closest is not None:
+        return closest
     raise DiscoveryError(f"FFN {', '.join(c.name for c in calls)} is not B(act(A x)) or B(act(gate x) * up x) with "
                          f"activation {', '.join(a.name for a in activations)}")
 
@@ -227,10 +235,9 @@ def _experts(prefix: str, call: _Call, activations: list[Activation]) -> Experts
         except RuntimeError:  # shapes of another layout
             break
         scored.append((_gap(total, call.output.reshape(total.shape)), chains))
-    if scored:
-        gap, chains = min(scored, key=lambda pair: pair[0])
-        if gap <= _tolerance(call.output):
-            return ExpertsMap(path, module, chains)
+    closest = _closest(scored, call.output)
+    if closest is not None:
+        return ExpertsMap(path, module, closest)
     raise DiscoveryError(f"experts {path} are not sum_k w_k down_k(act(gate_k x) * up_k x) in the fused [gate; up] "
                          "layout with the config's activation")
 
