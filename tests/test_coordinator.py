@@ -220,3 +220,19 @@ def test_a_pass_writes_the_last_input_where_it_is_told() -> None:
     for stage, ws in zip(chain.stages[:-1], result.weights[:-1]):
         a = stage.activate([a @ w.T + lin.bias for lin, w in zip(stage.linears, ws)])
     torch.testing.assert_close(buffer, a)
+
+
+def test_elementwise_updates_in_small_chunks_give_the_same_result(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The auxiliary updates run in chunks of at most ``UPDATE_BLOCK`` values whatever ``chunk_size``
+    (their temporaries stay small); a block of a few rows changes nothing but summation order."""
+    from sparsesolve.core import coordinator
+
+    dense, x = gated_mlp(9), correlated_inputs(300, 16, seed=9)
+    wide = ss.prune(copy.deepcopy(dense), x, method="sparsellm", pattern="0.7", iterations=2, refine="exact")
+    monkeypatch.setattr(coordinator, "UPDATE_BLOCK", 5 * 48 + 7)  # 5 rows of the 48-wide FFN
+    state = coordinator.CoordinatorState(ss.Chain.from_module(copy.deepcopy(dense)), x, torch.float64, torch.float64,
+                                         None, 1.0, 1.0, 1.0)
+    assert (state.update_chunk(48), state.update_chunk(10**6)) == (5, 1)
+    narrow = ss.prune(copy.deepcopy(dense), x, method="sparsellm", pattern="0.7", iterations=2, refine="exact")
+    assert narrow.error == pytest.approx(wide.error, rel=1e-9)
+    assert [h["error"] for h in narrow.history] == pytest.approx([h["error"] for h in wide.history], rel=1e-9)

@@ -77,6 +77,14 @@ __all__ = ["ChainResult", "CoordinatorState", "HeldOut", "sparsellm", "prune_cha
 #: refit's gain on SmolLM2 layer 1 (benchmarks/README.md)
 REFINE_ITER_MAX = 4
 
+#: values per array in one chunk of the elementwise auxiliary updates (``update_activation``,
+#: ``update_preactivation``): their ~8 per-chunk temporaries then take 8 x 16 MiB on the CPU and
+#: 8 x 64 MiB on a GPU (float32) instead of 8 arrays of ``chunk_size x d_ff``, which at the default
+#: 8,192 tokens are as large as one whole auxiliary of 65,536 tokens (SmolLM2: 48 MiB each; a 7B FFN:
+#: 344 MiB each). Those updates cost the same in smaller chunks: their products keep thousands of rows.
+UPDATE_BLOCK = 2**22
+UPDATE_BLOCK_DEVICE = 2**24
+
 
 @dataclass
 class ChainResult:
@@ -194,6 +202,13 @@ class CoordinatorState:
                                 dtype=dtype)
         self.input_gram = gram(inputs, chunk_size, dtype, token_weights)
 
+    def update_chunk(self, width: int) -> int:
+        """Tokens per chunk of the elementwise updates of a stage ``width`` wide: ``chunk_size`` capped so
+        that a chunk holds at most ``UPDATE_BLOCK`` values (``UPDATE_BLOCK_DEVICE`` off the CPU)."""
+        block = UPDATE_BLOCK if self.inputs.device.type == "cpu" else UPDATE_BLOCK_DEVICE
+        rows = max(1, block // max(width, 1))
+        return rows if self.chunk is None else min(self.chunk, rows)
+
     def _map(self, fn: Any, width: int, dtype: torch.dtype | None = None) -> torch.Tensor:
         out = torch.empty(self.n, width, dtype=dtype or self.storage, device=self.inputs.device)
         return map_tokens(self.n, self.chunk, fn, out)
@@ -268,14 +283,14 @@ class CoordinatorState:
                 residual = residual - bias
             return psi + residual @ coupling
 
-        map_tokens(self.n, self.chunk, solve, self.acts[l])
+        map_tokens(self.n, self.update_chunk(self.acts[l].shape[1]), solve, self.acts[l])
         return chol.escalations
 
     def update_preactivation(self, l: int, weights: list[list[torch.Tensor]], local_steps: int | None = None) -> None:
         """Elementwise proximal update of the pre-activations ``z_l`` given ``a_l`` (``stage.prox``;
         ``local_steps``: Newton steps of the local update, None for the global search)."""
         stage, x_all = self.chain.stages[l], self.stage_input(l)
-        for c in token_chunks(self.n, self.chunk):
+        for c in token_chunks(self.n, self.update_chunk(max(p.shape[1] for p in self.pres[l]))):
             x = x_all[c].to(self.dtype)
             maps = [apply_linear(x, w, lin) for lin, w in zip(stage.linears, weights[l])]
             pres = [p[c].to(self.dtype) for p in self.pres[l]]

@@ -13,7 +13,9 @@ loaded) holds, at the peak, which is the FFN step:
   the sequential passes reuse for their own activation) plus ``n d c`` (the dense target; the
   candidates' outputs are compared with it chunk by chunk, never stored); a layer-wise method
   ``n f s + n d c``.
-- ``chunks``: per-chunk temporaries of the elementwise updates, ``8 C f c`` (sparsellm) or ``3 C f c``.
+- ``chunks``: per-chunk temporaries: ``3 C f c`` of a pass's forward products and activation; sparsellm's
+  elementwise updates hold ``8 B c`` in chunks of ``B = min(C f, UPDATE_BLOCK)`` values
+  (``UPDATE_BLOCK_DEVICE`` off the CPU), so it takes the larger of the two.
 - ``statistics``: the Grams and the solver's factors of the widest linear, ``3 f^2 c + 3 d f c``.
 - ``layer``: the layer's weights, ``P b``.
 
@@ -29,6 +31,7 @@ import math
 from pathlib import Path
 
 from sparsesolve.core.config import DEFAULT_CHUNK
+from sparsesolve.core.coordinator import UPDATE_BLOCK, UPDATE_BLOCK_DEVICE
 
 __all__ = ["pruning_memory", "pruning_memory_of"]
 
@@ -37,18 +40,20 @@ _COMPUTE = 4
 
 def pruning_memory(*, tokens: int, d_model: int, d_ff: int, layer_params: int, model_params: int, ranks: int = 1,
                    storage_bytes: int = 2, param_bytes: int = 2, gated: bool = True, method: str = "sparsellm",
-                   chunk_size: int | None = DEFAULT_CHUNK) -> dict[str, float]:
+                   chunk_size: int | None = DEFAULT_CHUNK, device: str = "cpu") -> dict[str, float]:
     """Bytes per rank by term (module docstring) and their ``total``; ``model`` is the whole model's
-    parameters in ``param_bytes`` (held once per rank process, not in ``total``)."""
+    parameters in ``param_bytes`` (held once per rank process, not in ``total``); ``device``: the
+    device type the layer is pruned on (it sets sparsellm's update chunks)."""
     n, d, f, s, c = math.ceil(tokens / ranks), d_model, d_ff, storage_bytes, _COMPUTE
     g = 2 if gated else 1
     chunk = min(n, chunk_size or n)
+    block = UPDATE_BLOCK if device == "cpu" else UPDATE_BLOCK_DEVICE
     coordinated = method == "sparsellm"
     terms = {
         "hidden": n * d * s,
         "ffn_inputs": n * d * s,
         "workspace": ((g + 1) if coordinated else 1) * n * f * s + n * d * c,
-        "chunks": (8 if coordinated else 3) * chunk * f * c,
+        "chunks": max(8 * min(chunk * f, block) if coordinated else 0, 3 * chunk * f) * c,
         "statistics": 3 * f * f * c + 3 * d * f * c,
         "layer": layer_params * param_bytes,
     }
@@ -57,7 +62,8 @@ def pruning_memory(*, tokens: int, d_model: int, d_ff: int, layer_params: int, m
 
 
 def pruning_memory_of(folder: str | Path, *, tokens: int, ranks: int = 1, method: str = "sparsellm",
-                      storage_bytes: int | None = None, chunk_size: int | None = DEFAULT_CHUNK) -> dict[str, float]:
+                      storage_bytes: int | None = None, chunk_size: int | None = DEFAULT_CHUNK,
+                      device: str = "cpu") -> dict[str, float]:
     """``pruning_memory`` for the model in ``folder`` (its ``config.json``; parameters counted from its
     safetensors), stored in its own dtype unless ``storage_bytes`` is given."""
     from safetensors import safe_open
@@ -77,4 +83,4 @@ def pruning_memory_of(folder: str | Path, *, tokens: int, ranks: int = 1, method
     gated = any("gate_proj" in key for key in sizes)
     return pruning_memory(tokens=tokens, d_model=text["hidden_size"], d_ff=d_ff, layer_params=layer_params,
                           model_params=sum(sizes.values()), ranks=ranks, storage_bytes=storage_bytes or dtype_bytes,
-                          param_bytes=dtype_bytes, gated=gated, method=method, chunk_size=chunk_size)
+                          param_bytes=dtype_bytes, gated=gated, method=method, chunk_size=chunk_size, device=device)
