@@ -200,7 +200,7 @@ def table(folder: Path = RESULTS) -> str:
              "FFN error sparsegpt -> sparsellm (ratio) | peak GiB sparsegpt -> sparsellm | CG iterations up / gate / down |",
              "|---|---|---:|---|---|---:|---:|---:|---|---|---|"]
     for r in sorted(data["rows"], key=lambda r: (r["device"], r["d_model"], r["source"], r["pattern"])):
-        iters = " / ".join(str(v) for v in r.get("sparsellm_refine_iterations", {}).values())
+        iters = " / ".join("-" if v is None else str(v) for v in r.get("sparsellm_refine_iterations", {}).values())
         peak = f"{r['sparsegpt_peak_gb']:.1f} -> {r['sparsellm_peak_gb']:.1f}" if "sparsellm_peak_gb" in r else "-"
         lines.append(f"| {r['d_model']} x {r['d_ff']} | {r['source']} | {r['tokens']:,} | {r['pattern']} | "
                      f"{r['device']} ({r['threads']}) | {r['sparsegpt_s']:.1f} | {r['sparsellm_s']:.1f} | "
