@@ -59,17 +59,22 @@ def heldout_table(folder: Path = RESULTS) -> str:
     studies = [d for d in studies if d["rows"]["sparsegpt"].get("heldout_ffn_error")]
     if not studies:
         raise FileNotFoundError("study_*.json with held-out errors")
-    lines = ["| layer | pattern | variant | calibration | held-out wiki | held-out PTB |", "|---:|---|---|---:|---:|---:|"]
-    for data in sorted(studies, key=lambda d: (d["settings"]["layer"], d["settings"]["sparsity"])):
+    lines = ["| layer | pattern | variant | calibration | held-out wiki | held-out PTB | split's held-out windows |",
+             "|---:|---|---|---:|---:|---:|---:|"]
+    for data in sorted(studies, key=lambda d: (d["settings"]["layer"], d["settings"]["sparsity"], d["settings"].get("out", ""))):
         s, ref = data["settings"], data["rows"]["sparsegpt"]
         before = {"calibration": ref["ffn"]["relative_error"], **ref["heldout_ffn_error"]}
+        split = {name: row["ffn"]["heldout_relative_error"] for name, row in data["rows"].items()
+                 if row["ffn"].get("heldout_relative_error") is not None}
+        picked = min(split, key=split.get) if len(split) > 1 else None
         for name, row in data["rows"].items():
             if name == "sparsegpt":
                 continue
             after = {"calibration": row["ffn"]["relative_error"], **row["heldout_ffn_error"]}
             cells = [f"{before[k]:.4f} -> {after[k]:.4f} ({after[k] / before[k] - 1:+.0%})"
                      for k in ("calibration", "wiki", "ptb")]
-            lines.append(f"| {s['layer']} | {s['sparsity']} | {name} | " + " | ".join(cells) + " |")
+            own = "-" if name not in split else f"{split[name]:.4f}" + (" (its choice)" if name == picked else "")
+            lines.append(f"| {s['layer']} | {s['sparsity']} | {name} | " + " | ".join(cells) + f" | {own} |")
     return "\n".join(lines) + "\n"
 
 

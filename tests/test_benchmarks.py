@@ -145,8 +145,17 @@ def test_heldout_table_reports_the_change_per_corpus(tmp_path) -> None:
     with pytest.raises(FileNotFoundError):
         study_tables.heldout_table(tmp_path / "none")
     table = study_tables.heldout_table(tmp_path)
-    assert "| 3 | 4:8 | default | 0.2000 -> 0.1000 (-50%) | 0.4000 -> 0.3000 (-25%) | 0.5000 -> 0.5500 (+10%) |" in table
+    assert "| 3 | 4:8 | default | 0.2000 -> 0.1000 (-50%) | 0.4000 -> 0.3000 (-25%) | 0.5000 -> 0.5500 (+10%) | - |" in table
     assert table.count("\n") == 3
+    # variants fitted without a share of the windows: the one with the lowest error on it is marked
+    split = {"sparsegpt": row(0.2, 0.4, 0.5)}
+    for name, own in (("a0.1", 0.30), ("a1", 0.25)):
+        split[name] = row(0.1, 0.3, 0.5)
+        split[name]["ffn"]["heldout_relative_error"] = own
+    (tmp_path / "study_c.json").write_text(json.dumps({"settings": settings | {"layer": 7}, "rows": split}))
+    table = study_tables.heldout_table(tmp_path)
+    assert "| 7 | 4:8 | a0.1 |" in table and table.split("| 7 | 4:8 | a1 |")[1].split("\n")[0].endswith("| 0.2500 (its choice) |")
+    assert table.split("| 7 | 4:8 | a0.1 |")[1].split("\n")[0].endswith("| 0.3000 |")
 
 
 def test_coordinator_scale_benchmark_smoke(tmp_path, monkeypatch) -> None:
