@@ -203,10 +203,11 @@ def test_distributed_benchmark_smoke(tmp_path, monkeypatch, tiny_folder) -> None
 def test_an_allocation_run_is_compared_with_the_uniform_run_of_its_own_ridge(tmp_path) -> None:
     """sparsellm's default ridge changed between runs: a variant pairs with the plain run of the same ridge
     (the earlier plain runs kept as ``_ridgenone``), not with whatever the plain name holds now."""
-    def write(suffix: str, wiki: float, ridge: float | None, spread: tuple[float, float]) -> None:
-        options = {"iterations": 1} if ridge is None else {"iterations": 1, "ridge": ridge}
+    def write(suffix: str, wiki: float, ridge: float | None, spread: tuple[float, float], **extra: float) -> None:
+        options = ({"iterations": 1} if ridge is None else {"iterations": 1, "ridge": ridge}) | extra
         (tmp_path / f"smoke_full_sparsellm_0.6{suffix}.json").write_text(json.dumps(
-            {"perplexity": {"wiki": wiki}, "sparsellm_options": options, "layer_sparsity": dict(enumerate(spread))}))
+            {"pattern": "0.6", "perplexity": {"wiki": wiki}, "sparsellm_options": options,
+             "layer_sparsity": dict(enumerate(spread))}))
 
     write("", 100.0, 0.1, (0.6, 0.6))
     write("_ridgenone", 80.0, None, (0.6, 0.6))
@@ -216,3 +217,6 @@ def test_an_allocation_run_is_compared_with_the_uniform_run_of_its_own_ridge(tmp
     assert "| sparsellm | 0.6 | fisher | 0.500-0.700 | 60.0 | -25% |" in table      # against ridgenone's 80
     assert "| sparsellm | 0.6 | owl | 0.550-0.650 | 90.0 | -10% |" in table         # against the plain 100
     assert "| sparsellm | 0.6 | uniform (ridgenone) |" in table and "| sparsellm | 0.6 | uniform |" in table
+    # a ridge limited to sparsities below 0.5 was not in force at 0.6: the run pairs with ridgenone
+    write("_obs", 72.0, 0.1, (0.55, 0.65), ridge_below=0.5)
+    assert "| sparsellm | 0.6 | obs | 0.550-0.650 | 72.0 | -10% |" in study_tables.allocation_table("smoke", "full", tmp_path)

@@ -123,6 +123,27 @@ def test_a_huge_ridge_keeps_the_one_shot_weights_and_a_centred_damping_changes_t
     assert not torch.allclose(weights[None], weights[0.0], rtol=0, atol=1e-10)
 
 
+def test_the_ridge_applies_below_its_sparsity_only() -> None:
+    """``ridge_below``: a layer pruned at or above it runs as without the ridge, one below it as with
+    it; the language-model defaults put the limit at 75 %."""
+    lm = SparseLLMConfig.for_language_models()
+    assert (lm.ridge_at(0.5), lm.ridge_at(0.7), lm.ridge_at(0.75), lm.ridge_at(0.9)) == (0.1, 0.1, None, None)
+    assert SparseLLMConfig(ridge=0.1).ridge_at(0.9) == 0.1
+    with pytest.raises(ValueError, match="ridge_below must be in"):
+        SparseLLMConfig(ridge_below=0.0)
+    dense, x = _mlp(), correlated_inputs(600, 16, seed=4)
+
+    def run(pattern: str, **options: object) -> torch.Tensor:
+        model = copy.deepcopy(dense)
+        sparsellm(ss.Chain.from_module(model), x, parse_pattern(pattern), iterations=1, refine="exact", **options)
+        return model[2].weight.detach().clone()
+
+    for pattern, same_as in (("0.8", {"ridge": None}), ("0.6", {"ridge": 0.5})):
+        limited = run(pattern, ridge=0.5, ridge_below=0.75)
+        assert torch.equal(limited, run(pattern, **same_as)), pattern
+    assert not torch.equal(run("0.8", ridge=0.5), run("0.8", ridge=None))  # the limit is what changed it
+
+
 def test_held_out_windows_stay_out_of_every_fit_in_a_decoder() -> None:
     """Layer 0's attention is fitted on the other windows only: the same weights as a plain run on them."""
     windows = torch.randint(0, VOCAB, (8, 32), generator=torch.Generator().manual_seed(0))

@@ -48,7 +48,8 @@ Three options guard against over-fitting the calibration tokens:
   ``lam ||W||^2`` (``lam = damp mean(diag H)``) pulls the directions its calibration inputs barely
   span toward zero, where the one-shot solves (no target) keep the dense weights; with ``r`` it pays
   ``(damp + r) mean(diag H) ||W - W0||^2`` instead, which only adds ``lam W0`` to the cross-covariance
-  (``LayerProblem.build(anchor=W0)``): those directions keep the one-shot weights.
+  (``LayerProblem.build(anchor=W0)``): those directions keep the one-shot weights. With
+  ``config.ridge_below`` it applies only when the pattern's sparsity is below that.
 """
 
 from __future__ import annotations
@@ -337,6 +338,7 @@ def sparsellm(
       them (module docstring).
     """
     config = SparseLLMConfig.with_options(config or SparseLLMConfig(), overrides)
+    ridge = config.ridge_at(pattern.sparsity)
     started = time.perf_counter()
     dtype = compute_dtype_for(inputs)
     storage = storage_dtype or inputs.dtype
@@ -382,8 +384,8 @@ def sparsellm(
 
             def rows_solve(rows: slice) -> LayerSolution:
                 # one problem (factor, W*) per linear, shared by the masked solve and the refit
-                anchor = None if config.ridge is None else start.weights[l][j][rows]
-                problem = LayerProblem.build(linear.weight[rows], h, target=cross[rows], damp=damp + (config.ridge or 0.0),
+                anchor = None if ridge is None else start.weights[l][j][rows]
+                problem = LayerProblem.build(linear.weight[rows], h, target=cross[rows], damp=damp + (ridge or 0.0),
                                              compute_dtype=dtype, anchor=anchor)
                 if not config.reselect_mask:
                     return fixed_mask(problem, previous.mask[rows], previous.weight[rows], None)
