@@ -171,11 +171,11 @@ def _against_base(profile: str, scope: str, folder: Path, suffixes: tuple[str, .
 def _ridge(run: dict) -> float | None:
     """The ridge a sparsellm run used at its target sparsity (None for none, and for every other method):
     ``ridge``, unless the pattern is at or above the run's ``ridge_below``."""
+    from sparsesolve.core.config import SparseLLMConfig
     from sparsesolve.core.patterns import parse_pattern
 
-    options = run.get("sparsellm_options") or {}
-    below = options.get("ridge_below")
-    return None if below is not None and parse_pattern(run["pattern"]).sparsity >= below else options.get("ridge")
+    options = run.get("sparsellm_options")
+    return None if not options else SparseLLMConfig(**options).ridge_at(parse_pattern(run["pattern"]).sparsity)
 
 
 def _perplexity_cells(run: dict, base: dict, corpora: list[str]) -> tuple[str, str]:
