@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from sparsesolve.core.quantize import GroupQuantizer
 
 __all__ = ["ALLOCATIONS", "CG_TOL", "DEFAULT_CHUNK", "LOCAL_NEWTON_STEPS", "MASK_SCOPES", "METHODS", "REFINEMENTS",
-           "SOLVER_NAMES", "STORAGE_DTYPES",
+           "SOLVER_NAMES", "STORAGE_DTYPES", "UPDATE_BLOCK", "UPDATE_BLOCK_DEVICE",
            "PruneConfig", "SparseLLMConfig", "option"]
 
 #: the per-layer solvers, one file each in ``core/solvers`` exporting a function of the same name.
@@ -43,6 +43,13 @@ ALLOCATIONS = ("uniform", "owl", "obs", "fisher")
 MASK_SCOPES = ("row", "layer")
 #: tokens per chunk for per-token work: bounds the float32 copies to ``8192 x width``.
 DEFAULT_CHUNK = 8192
+#: values per array in one chunk of sparsellm's elementwise auxiliary updates
+#: (``CoordinatorState.update_chunk``): their ~8 per-chunk temporaries then take 8 x 16 MiB on the CPU
+#: and 8 x 64 MiB on a GPU (float32) instead of 8 arrays of ``chunk_size x d_ff``, which at the default
+#: 8,192 tokens are as large as one whole auxiliary of 65,536 tokens (SmolLM2: 48 MiB each; a 7B FFN:
+#: 344 MiB each). Those updates cost the same in smaller chunks: their products keep thousands of rows.
+UPDATE_BLOCK = 2**22
+UPDATE_BLOCK_DEVICE = 2**24
 #: dtypes activations may be stored in (solves are float32 or float64 regardless).
 STORAGE_DTYPES = ("float32", "bfloat16", "float16", "float64")
 

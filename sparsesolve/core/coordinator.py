@@ -63,7 +63,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sparsesolve.core.chain import Chain, LinearMap, apply_linear
-from sparsesolve.core.config import PruneConfig, SparseLLMConfig
+from sparsesolve.core.config import UPDATE_BLOCK, UPDATE_BLOCK_DEVICE, PruneConfig, SparseLLMConfig
 from sparsesolve.core.distributed import reduce_count, reduce_float
 from sparsesolve.core.linalg import compute_dtype_for, damped_cholesky
 from sparsesolve.core.patterns import Pattern
@@ -77,14 +77,6 @@ __all__ = ["ChainResult", "CoordinatorState", "HeldOut", "sparsellm", "prune_cha
 #: conjugate-gradient iterations of a refit at most, when chosen by cost: 4 give 95 % of a converged
 #: refit's gain on SmolLM2 layer 1 (benchmarks/README.md)
 REFINE_ITER_MAX = 4
-
-#: values per array in one chunk of the elementwise auxiliary updates (``update_activation``,
-#: ``update_preactivation``): their ~8 per-chunk temporaries then take 8 x 16 MiB on the CPU and
-#: 8 x 64 MiB on a GPU (float32) instead of 8 arrays of ``chunk_size x d_ff``, which at the default
-#: 8,192 tokens are as large as one whole auxiliary of 65,536 tokens (SmolLM2: 48 MiB each; a 7B FFN:
-#: 344 MiB each). Those updates cost the same in smaller chunks: their products keep thousands of rows.
-UPDATE_BLOCK = 2**22
-UPDATE_BLOCK_DEVICE = 2**24
 
 
 @dataclass

@@ -30,8 +30,7 @@ import json
 import math
 from pathlib import Path
 
-from sparsesolve.core.config import DEFAULT_CHUNK
-from sparsesolve.core.coordinator import UPDATE_BLOCK, UPDATE_BLOCK_DEVICE
+from sparsesolve.core.config import DEFAULT_CHUNK, UPDATE_BLOCK, UPDATE_BLOCK_DEVICE
 
 __all__ = ["pruning_memory", "pruning_memory_of"]
 
