@@ -32,6 +32,7 @@ import argparse
 import copy
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -120,7 +121,6 @@ def time_methods(ffn: torch.nn.Module, x: torch.Tensor, pattern: str, ops: bool 
     ``ops``, also ``count_ops`` of each in a separate, untimed run)."""
     import sparsesolve as ss
     from sparsesolve.core.config import SparseLLMConfig
-    from sparsesolve.lm.environment import release_free_memory, stage_peak
 
     out: dict[str, Any] = {}
     for method, options in (("sparsegpt", {}), ("sparsellm", {"sparsellm": SparseLLMConfig.for_language_models()})):
@@ -129,12 +129,8 @@ def time_methods(ffn: torch.nn.Module, x: torch.Tensor, pattern: str, ops: bool 
         if x.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
             before = torch.cuda.memory_allocated()
-        release_free_memory()
-        with stage_peak() as resident:
-            started = time.perf_counter()
-            result = ss.prune(model, x, method=method, pattern=pattern, **options)
-            _sync(x.device)
-            out[f"{method}_s"] = time.perf_counter() - started
+        result, out[f"{method}_s"], resident = _timed(
+            x.device, lambda m=model, o=options, name=method: ss.prune(m, x, method=name, pattern=pattern, **o))
         if x.device.type == "cuda":
             out[f"{method}_peak_gb"] = (torch.cuda.max_memory_allocated() - before) / 2**30
         else:
@@ -160,7 +156,6 @@ def whole_model(shape: str, layers: int, windows: int, seq_len: int, pattern: st
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import sparsesolve as ss
-    from sparsesolve.lm.environment import release_free_memory, stage_peak
 
     hidden, ffn = (int(v) for v in shape.split("x"))
     config = LlamaConfig(hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
@@ -174,12 +169,8 @@ def whole_model(shape: str, layers: int, windows: int, seq_len: int, pattern: st
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         _sync(torch.device(device))
-        release_free_memory()
-        with stage_peak() as resident:
-            started = time.perf_counter()
-            result = ss.prune(model, tokens, method=method, pattern=pattern, progress=False)
-            _sync(torch.device(device))
-            wall = time.perf_counter() - started
+        result, wall, resident = _timed(torch.device(device), lambda m=model, name=method: ss.prune(
+            m, tokens, method=name, pattern=pattern, progress=False))
         on_gpu = device.startswith("cuda")
         rows.append({"model_shape": shape, "layers": layers, "windows": windows, "seq_len": seq_len, "pattern": pattern,
                      "dtype": dtype, "device": device, "method": method, "wall_s": wall,
@@ -233,6 +224,20 @@ def _whole_model_table(rows: list[dict[str, Any]], meta_by_device: dict[str, dic
                      f"{device} | {dtype} | {gpt['wall_s']:.1f} | {llm['wall_s']:.1f} | {llm['wall_s'] / gpt['wall_s']:.2f}x | {memory} |")
     sources = "; ".join(f"{device}: {_source(meta)}" for device, meta in sorted(meta_by_device.items()))
     return "\n".join(lines) + f"\n\n_Source: {sources}._\n"
+
+
+def _timed(device: torch.device, run: Callable[[], Any]) -> tuple[Any, float, Any]:
+    """``run()``'s result, its wall seconds (the device synchronised before the clock stops) and its
+    ``stage_peak`` (resident memory; the freed heap handed back and the high-water mark reset first)."""
+    from sparsesolve.lm.environment import release_free_memory, stage_peak
+
+    release_free_memory()
+    with stage_peak() as resident:
+        started = time.perf_counter()
+        result = run()
+        _sync(device)
+        seconds = time.perf_counter() - started
+    return result, seconds, resident
 
 
 def _sync(device: torch.device) -> None:
