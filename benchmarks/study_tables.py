@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from benchmarks.common import RESULTS
@@ -187,10 +188,14 @@ def _perplexity_cells(run: dict, base: dict, corpora: list[str]) -> tuple[str, s
 
 def allocation_table(profile: str = "p1", scope: str = "full", folder: Path = PPL) -> str:
     """Per method and unstructured pattern with an allocation run: perplexity per corpus under each
-    allocation, and the change against uniform (the sparsities' spread in brackets)."""
+    allocation (``_rangeR`` runs: another ``allocation_range``), the change against uniform and the
+    layers' sparsity range."""
     from sparsesolve.core.config import ALLOCATIONS
 
-    rows, shared = _against_base(profile, scope, folder, tuple(a for a in ALLOCATIONS if a != "uniform"))
+    kinds = tuple(a for a in ALLOCATIONS if a != "uniform")
+    ranged = sorted({match.group(1) for path in folder.glob(f"{profile}_{scope}_*_range*.json")
+                     if (match := re.search(rf"_((?:{'|'.join(kinds)})_range[0-9.]+)\.json$", path.name))})
+    rows, shared = _against_base(profile, scope, folder, kinds + tuple(ranged))
     if not rows:
         raise FileNotFoundError(f"no {profile} {scope} runs with an allocation")
     out = [f"| method | pattern | allocation | layer sparsity min-max | perplexity ({' / '.join(shared)}) | change vs uniform |",

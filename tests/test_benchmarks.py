@@ -42,6 +42,13 @@ def test_runner_records_a_run_and_the_table_and_plot_read_it(tmp_path) -> None:
     assert abs(sum(owl["layer_sparsity"].values()) / 2 - 0.6) < 1 / 64      # rows of 64 inputs round their zeros
     table = study_tables.allocation_table("smoke", "full", results)
     assert "| sparsegpt | 0.6 | owl |" in table and "| sparsegpt | 0.6 | uniform |" in table
+    # another range: its own file and row, the layers further apart, the average still the target
+    ppl_vs_sparsity.one(str(model), "smoke", "full", "sparsegpt", "0.6", results, {}, "", "owl", allocation_range=0.2)
+    wide = json.loads((results / "smoke_full_sparsegpt_0.6_owl_range0.2.json").read_text())
+    assert wide["allocation_range"] == 0.2 and abs(sum(wide["layer_sparsity"].values()) / 2 - 0.6) < 1 / 64
+    spread = {name: max(r["layer_sparsity"].values()) - min(r["layer_sparsity"].values()) for name, r in (("owl", owl), ("wide", wide))}
+    assert spread["wide"] > spread["owl"] + 0.1
+    assert "| sparsegpt | 0.6 | owl_range0.2 |" in study_tables.allocation_table("smoke", "full", results)
     # a mask-selection variant: per-layer counting and the dense layer pass, in their own file and table
     ppl_vs_sparsity.one(str(model), "smoke", "full", "sparsegpt", "0.6", results, {}, "", "uniform", "layer", False)
     variant = json.loads((results / "smoke_full_sparsegpt_0.6_layermask_densepass.json").read_text())
