@@ -236,3 +236,29 @@ def test_elementwise_updates_in_small_chunks_give_the_same_result(monkeypatch: p
     narrow = ss.prune(copy.deepcopy(dense), x, method="sparsellm", pattern="0.7", iterations=2, refine="exact")
     assert narrow.error == pytest.approx(wide.error, rel=1e-9)
     assert [h["error"] for h in narrow.history] == pytest.approx([h["error"] for h in wide.history], rel=1e-9)
+
+
+def test_bfloat16_auxiliaries_of_a_float32_chain_halve_their_storage_not_the_result(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``aux_dtype="bfloat16"``: a float32 chain's auxiliaries are stored in bfloat16, the dense target
+    is still the float32 forward (``reference`` unchanged), and the pruned FFN's true error stays
+    within 1 % of float32 storage; a float64 chain keeps float64 (bit-identical results)."""
+    from sparsesolve.core.coordinator import CoordinatorState
+
+    stored = []
+    original = CoordinatorState.__init__
+
+    def spy(self, *args, **kwargs) -> None:
+        original(self, *args, **kwargs)
+        stored.append({a.dtype for a in [*self.acts, *(p for ps in self.pres for p in ps)]})
+
+    monkeypatch.setattr(CoordinatorState, "__init__", spy)
+    dense64, x64 = gated_mlp(11), correlated_inputs(600, 16, seed=11)
+    dense, x = copy.deepcopy(dense64).float(), x64.float()
+    runs = {aux: ss.prune(copy.deepcopy(dense), x, method="sparsellm", pattern="0.7", iterations=1, refine="cg",
+                          aux_dtype=aux) for aux in ("inherit", "bfloat16")}
+    assert stored == [{torch.float32}, {torch.bfloat16}]
+    assert runs["bfloat16"].reference == runs["inherit"].reference
+    assert runs["bfloat16"].error == pytest.approx(runs["inherit"].error, rel=0.01)
+    wide = {aux: ss.prune(copy.deepcopy(dense64), x64, method="sparsellm", pattern="0.7", iterations=1, aux_dtype=aux)
+            for aux in ("inherit", "bfloat16")}
+    assert stored[2:] == [{torch.float64}, {torch.float64}] and wide["bfloat16"].error == wide["inherit"].error

@@ -273,7 +273,10 @@ def test_the_memory_model_divides_what_is_per_token_by_the_ranks(tiny_folder: Pa
         assert two[term] == one[term] > 0
     assert one["total"] == sum(v for k, v in one.items() if k not in ("total", "model"))
     # the tiny Llama: width 64, gated FFN of 256, float32
-    # pre-activations of gate and up, the activation (whose storage the passes borrow), the dense target
-    assert one["workspace"] == 3 * tokens * 256 * 4 + tokens * 64 * 4
+    # pre-activations of gate and up, the activation (whose storage the passes borrow), in bfloat16 (the
+    # language-model default for a float32 model), and the dense target in float32
+    assert one["workspace"] == 3 * tokens * 256 * 2 + tokens * 64 * 4
+    float32 = pruning_memory_of(tiny_folder, tokens=tokens, method="sparsellm", aux_bytes=4)
+    assert float32["workspace"] == 3 * tokens * 256 * 4 + tokens * 64 * 4
     assert one["chunks"] == 8 * 8192 * 256 * 4   # the update chunks (8,192 x 256 is below UPDATE_BLOCK values)
     assert pruning_memory_of(tiny_folder, tokens=tokens, method="sparsegpt")["workspace"] < one["workspace"]

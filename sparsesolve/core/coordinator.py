@@ -180,19 +180,23 @@ class CoordinatorState:
         self.alpha, self.beta, self.gamma = alpha, beta, gamma
         self.n = inputs.shape[0]
         self.last = len(chain.stages) - 1
-        self.pres: list[list[torch.Tensor]] = []
-        self.acts: list[torch.Tensor] = []
         dense = [[lin.weight.to(dtype) for lin in stage.linears] for stage in chain.stages]
-        a = inputs
-        for l, stage in enumerate(chain.stages[:-1]):
-            pres = [self._map(lambda c, x=a, w=w, lin=lin: apply_linear(x[c].to(dtype), w, lin), w.shape[0])
-                    for lin, w in zip(stage.linears, dense[l])]
-            self.pres.append(pres)
-            a = self._map(lambda c, s=stage, p=pres: s.activate([q[c].to(dtype) for q in p]), pres[0].shape[1])
-            self.acts.append(a)
-        out = chain.stages[-1].linear
-        self.target = self._map(lambda c: apply_linear(a[c].to(dtype), dense[-1][0], out), dense[-1][0].shape[0],
-                                dtype=dtype)
+        self.pres: list[list[torch.Tensor]] = [[self._empty(w.shape[0]) for w in ws] for ws in dense[:-1]]
+        self.acts: list[torch.Tensor] = [self._empty(ws[0].shape[0]) for ws in dense[:-1]]
+
+        def forward(c: slice) -> torch.Tensor:
+            # the dense chain in the compute dtype; only the stored copies are rounded to the storage dtype
+            a = inputs[c].to(dtype)
+            for l, stage in enumerate(chain.stages[:-1]):
+                pres = [apply_linear(a, w, lin) for lin, w in zip(stage.linears, dense[l])]
+                for store, p in zip(self.pres[l], pres):
+                    store[c] = p.to(storage)
+                a = stage.activate(pres)
+                self.acts[l][c] = a.to(storage)
+            return apply_linear(a, dense[-1][0], chain.stages[-1].linear)
+
+        self.target = map_tokens(self.n, chunk_size, forward,
+                                 torch.empty(self.n, dense[-1][0].shape[0], dtype=dtype, device=inputs.device))
         self.input_gram = gram(inputs, chunk_size, dtype, token_weights)
 
     def update_chunk(self, width: int) -> int:
@@ -202,9 +206,9 @@ class CoordinatorState:
         rows = max(1, block // max(width, 1))
         return rows if self.chunk is None else min(self.chunk, rows)
 
-    def _map(self, fn: Any, width: int, dtype: torch.dtype | None = None) -> torch.Tensor:
-        out = torch.empty(self.n, width, dtype=dtype or self.storage, device=self.inputs.device)
-        return map_tokens(self.n, self.chunk, fn, out)
+    def _empty(self, width: int) -> torch.Tensor:
+        """An uninitialised auxiliary, ``N x width`` in the storage dtype."""
+        return torch.empty(self.n, width, dtype=self.storage, device=self.inputs.device)
 
     @property
     def lendable(self) -> torch.Tensor | None:
@@ -325,7 +329,9 @@ def sparsellm(
       objective, every Gram and cross-covariance and the errors (an MoE expert's tokens, weighted as
       the router weights its output); the per-token auxiliary updates are unchanged by it.
     - ``chunk_size``: tokens per chunk for every per-token computation (None = all at once).
-    - ``storage_dtype``: dtype of the stored auxiliaries (default: the inputs' dtype).
+    - ``storage_dtype``: dtype of the stored activations (default: the inputs' dtype); the auxiliaries
+      take ``config.aux_dtype`` when it is float32 (the passes' activation before the output linear,
+      which borrows an auxiliary's storage, then too).
     - ``heldout`` (``N_h x n``): tokens kept out of every fit; the candidates are chosen by their error on
       them (module docstring).
     """
@@ -339,7 +345,8 @@ def sparsellm(
     damp = options.get("damp", 0.01)
     fixed_mask = _fixed_mask_solver(config.refine, config.refine_tol, config.refine_iter, _token_count(inputs))
     held = _held_out(chain, heldout, chunk_size, dtype)
-    state = CoordinatorState(chain, inputs, dtype, storage, chunk_size, config.alpha, config.beta, config.gamma,
+    aux = torch.bfloat16 if config.aux_dtype == "bfloat16" and storage == torch.float32 else storage
+    state = CoordinatorState(chain, inputs, dtype, aux, chunk_size, config.alpha, config.beta, config.gamma,
                              token_weights)
     reference = _squared_error(state.target, None, token_weights)
 

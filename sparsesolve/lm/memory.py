@@ -2,14 +2,15 @@
 
 Notation: ``N`` calibration tokens over ``K`` ranks (``n = ceil(N / K)`` per rank), model width ``d``,
 FFN width ``f`` with ``g`` input branches (2 for a gated FFN: gate and up; 1 otherwise), ``s`` bytes
-per stored activation (the storage dtype), ``c = 4`` bytes per computed value (float32 solves),
+per stored activation (the storage dtype), ``a`` per stored auxiliary of sparsellm (2 when ``s = 4``:
+the language-model default ``aux_dtype="bfloat16"``; else ``s``), ``c = 4`` bytes per computed value (float32 solves),
 ``C`` tokens per chunk (``chunk_size``), ``P`` parameters of one decoder layer stored in ``b`` bytes.
 
 The layer being pruned (on the device with ``device=``; the rest of the model stays where it was
 loaded) holds, at the peak, which is the FFN step:
 
 - ``hidden``: the decoder layer's inputs, ``n d s``; ``ffn_inputs``: the FFN's inputs, ``n d s``.
-- ``workspace``: sparsellm ``(g + 1) n f s`` (``g`` pre-activations and the activation, whose storage
+- ``workspace``: sparsellm ``(g + 1) n f a`` (``g`` pre-activations and the activation, whose storage
   the sequential passes reuse for their own activation) plus ``n d c`` (the dense target; the
   candidates' outputs are compared with it chunk by chunk, never stored); a layer-wise method
   ``n f s + n d c``.
@@ -39,11 +40,14 @@ _COMPUTE = 4
 
 def pruning_memory(*, tokens: int, d_model: int, d_ff: int, layer_params: int, model_params: int, ranks: int = 1,
                    storage_bytes: int = 2, param_bytes: int = 2, gated: bool = True, method: str = "sparsellm",
-                   chunk_size: int | None = DEFAULT_CHUNK, device: str = "cpu") -> dict[str, float]:
+                   chunk_size: int | None = DEFAULT_CHUNK, device: str = "cpu",
+                   aux_bytes: int | None = None) -> dict[str, float]:
     """Bytes per rank by term (module docstring) and their ``total``; ``model`` is the whole model's
     parameters in ``param_bytes`` (held once per rank process, not in ``total``); ``device``: the
-    device type the layer is pruned on (it sets sparsellm's update chunks)."""
+    device type the layer is pruned on (it sets sparsellm's update chunks); ``aux_bytes``: bytes per
+    stored auxiliary (None: the language-model default, module docstring)."""
     n, d, f, s, c = math.ceil(tokens / ranks), d_model, d_ff, storage_bytes, _COMPUTE
+    a = aux_bytes or (2 if s == 4 else s)
     g = 2 if gated else 1
     chunk = min(n, chunk_size or n)
     block = UPDATE_BLOCK if device == "cpu" else UPDATE_BLOCK_DEVICE
@@ -51,7 +55,7 @@ def pruning_memory(*, tokens: int, d_model: int, d_ff: int, layer_params: int, m
     terms = {
         "hidden": n * d * s,
         "ffn_inputs": n * d * s,
-        "workspace": ((g + 1) if coordinated else 1) * n * f * s + n * d * c,
+        "workspace": ((g + 1) * n * f * a if coordinated else n * f * s) + n * d * c,
         "chunks": max(8 * min(chunk * f, block) if coordinated else 0, 3 * chunk * f) * c,
         "statistics": 3 * f * f * c + 3 * d * f * c,
         "layer": layer_params * param_bytes,
@@ -62,7 +66,7 @@ def pruning_memory(*, tokens: int, d_model: int, d_ff: int, layer_params: int, m
 
 def pruning_memory_of(folder: str | Path, *, tokens: int, ranks: int = 1, method: str = "sparsellm",
                       storage_bytes: int | None = None, chunk_size: int | None = DEFAULT_CHUNK,
-                      device: str = "cpu") -> dict[str, float]:
+                      device: str = "cpu", aux_bytes: int | None = None) -> dict[str, float]:
     """``pruning_memory`` for the model in ``folder`` (its ``config.json``; parameters counted from its
     safetensors), stored in its own dtype unless ``storage_bytes`` is given."""
     from safetensors import safe_open
@@ -82,4 +86,5 @@ def pruning_memory_of(folder: str | Path, *, tokens: int, ranks: int = 1, method
     gated = any("gate_proj" in key for key in sizes)
     return pruning_memory(tokens=tokens, d_model=text["hidden_size"], d_ff=d_ff, layer_params=layer_params,
                           model_params=sum(sizes.values()), ranks=ranks, storage_bytes=storage_bytes or dtype_bytes,
-                          param_bytes=dtype_bytes, gated=gated, method=method, chunk_size=chunk_size, device=device)
+                          param_bytes=dtype_bytes, gated=gated, method=method, chunk_size=chunk_size, device=device,
+                          aux_bytes=aux_bytes)
