@@ -329,9 +329,10 @@ def sparsellm(
       objective, every Gram and cross-covariance and the errors (an MoE expert's tokens, weighted as
       the router weights its output); the per-token auxiliary updates are unchanged by it.
     - ``chunk_size``: tokens per chunk for every per-token computation (None = all at once).
-    - ``storage_dtype``: dtype of the stored activations (default: the inputs' dtype); the auxiliaries
-      take ``config.aux_dtype`` when it is float32 (the passes' activation before the output linear,
-      which borrows an auxiliary's storage, then too).
+    - ``storage_dtype``: dtype of the stored activations (default: the inputs' dtype). When it is
+      float32, the auxiliaries are stored in ``config.aux_dtype`` (so is the passes' activation before
+      the output linear, which borrows an auxiliary's storage); every product and solve reads them in
+      the compute dtype, and the dense target comes from the unrounded forward.
     - ``heldout`` (``N_h x n``): tokens kept out of every fit; the candidates are chosen by their error on
       them (module docstring).
     """
