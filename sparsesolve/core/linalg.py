@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["DampedCholesky", "damped_cholesky", "compute_dtype_for", "check_finite", "without_dead_inputs"]
+__all__ = ["DampedCholesky", "damped_cholesky", "compute_dtype_for", "check_finite", "plus_diagonal", "without_dead_inputs"]
 
 MAX_ESCALATIONS = 12
 
@@ -61,15 +61,13 @@ def damped_cholesky(gram: torch.Tensor, damp: float, *, check: bool = True) -> D
         raise ValueError(f"damp must be >= 0, got {damp}")
     if check:
         check_finite("Gram matrix", gram)
-    n = gram.shape[-1]
-    eye = torch.eye(n, dtype=gram.dtype, device=gram.device)
     scale = torch.diagonal(gram, dim1=-2, dim2=-1).mean(dim=-1)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     lam = damp * scale
     # The first escalation jumps to a ridge that factors any PSD matrix in practice.
     floor = scale * (1e-10 if gram.dtype == torch.float64 else 1e-6)
     escalations = 0
-    factor, info = torch.linalg.cholesky_ex(gram + lam[..., None, None] * eye if damp > 0 else gram)
+    factor, info = torch.linalg.cholesky_ex(plus_diagonal(gram, lam) if damp > 0 else gram)
     while bool((info > 0).any()):
         if escalations >= MAX_ESCALATIONS:
             raise torch.linalg.LinAlgError(
@@ -78,20 +76,30 @@ def damped_cholesky(gram: torch.Tensor, damp: float, *, check: bool = True) -> D
         failed = info > 0
         lam = torch.where(failed, torch.maximum(lam * 10, floor), lam)
         escalations += 1
-        retry, retry_info = torch.linalg.cholesky_ex(gram + lam[..., None, None] * eye)
+        retry, retry_info = torch.linalg.cholesky_ex(plus_diagonal(gram, lam))
         factor = torch.where(failed[..., None, None], retry, factor)
         info = torch.where(failed, retry_info, info)
     return DampedCholesky(factor, lam, escalations)
 
 
+def plus_diagonal(gram: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """``gram + lam I`` (``(..., n, n)``, ``lam`` of the batch shape) as one new matrix: no identity
+    matrix is built, which at a 7B FFN width would be one more ``n x n`` array at the peak."""
+    out = gram.clone()
+    torch.diagonal(out, dim1=-2, dim2=-1).add_(lam[..., None])
+    return out
+
+
 def without_dead_inputs(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A copy of ``gram`` (``n x n``) with every dead input (``H_jj <= 0``: never active on the
-    calibration tokens) decoupled: its row and column zero, its diagonal 1, so the factorisation sees
-    an identity block there; and the dead inputs as a bool vector (``n``). Their weights get no
-    information from the data: the solvers set them to zero."""
-    h = gram.clone()
-    dead = torch.diagonal(h) <= 0
+    """``gram`` (``n x n``) with every dead input (``H_jj <= 0``: never active on the calibration
+    tokens) decoupled: its row and column zero, its diagonal 1, so the factorisation sees an identity
+    block there; and the dead inputs as a bool vector (``n``). Their weights get no information from
+    the data: the solvers set them to zero. ``gram`` itself is returned when no input is dead (no
+    copy: callers never write into it), a decoupled copy otherwise."""
+    dead = torch.diagonal(gram) <= 0
+    h = gram
     if bool(dead.any()):
+        h = gram.clone()
         h[dead, :] = 0
         h[:, dead] = 0
         h[dead, dead] = 1

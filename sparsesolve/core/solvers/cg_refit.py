@@ -62,37 +62,37 @@ def cg_refit(
         raise ValueError(f"cg_refit needs tol > 0, max_iter >= 0 and check_every >= 1, got {tol}, {max_iter}, {check_every}")
     started = time.perf_counter()
     problem = problem or LayerProblem.build(weight, gram, target=target, damp=damp, compute_dtype=compute_dtype)
-    damped = problem.damped_gram
-    keep = mask.to(damped.dtype)
-    rhs = problem.rhs
-    w = (problem.w_star if start is None else start.to(damped.dtype)) * keep
-    product = w @ damped  # W Hd, kept up to date so the final error needs no further product
-    residual = (rhs - product) * keep
-    inv_diag = 1.0 / torch.diagonal(damped)
-    z = residual * inv_diag
-    direction = z
-    rz = (residual * z).sum(dim=1)
+    lam, dropped, rhs = float(problem.cholesky.lam), ~mask, problem.rhs
+    w = (problem.w_star if start is None else start.to(problem.w_star.dtype)).masked_fill(dropped, 0.0)
+    product = problem.damped_product(w)  # W Hd, kept up to date so the final error needs no further product
+    residual = (rhs - product).masked_fill_(dropped, 0.0)
+    inv_diag = 1.0 / (torch.diagonal(problem.gram) + lam)
+    direction = residual * inv_diag  # zero off the mask, as the residual, in every iteration
+    rz = (residual * direction).sum(dim=1)
     # sums over rows cover every rank's rows when the rows are split (row_share.py)
-    initial = math.sqrt(reduce_rows(float(((rhs * keep) ** 2 * inv_diag).sum())))
+    initial = math.sqrt(reduce_rows(float((rhs.masked_fill(dropped, 0.0).square_() * inv_diag).sum())))
     relative = 0.0 if initial == 0 else math.sqrt(reduce_rows(float(rz.sum()))) / initial
     iteration = 0
+    tiny = torch.finfo(rz.dtype).tiny
+    # in-place updates: beside the problem, the iteration holds five m x n arrays (W, W Hd, R, P, P Hd)
     while iteration < max_iter and relative > tol:
         iteration += 1
-        full = direction @ damped
-        q = full * keep
-        curvature = (direction * q).sum(dim=1)
-        step = torch.where(curvature > 0, rz / curvature.clamp_min(torch.finfo(rz.dtype).tiny), torch.zeros_like(rz))
-        w = w + step[:, None] * direction
-        product = product + step[:, None] * full
-        residual = residual - step[:, None] * q
-        z = residual * inv_diag
-        rz_new = (residual * z).sum(dim=1)
-        beta = torch.where(rz > 0, rz_new / rz.clamp_min(torch.finfo(rz.dtype).tiny), torch.zeros_like(rz))
-        direction = z + beta[:, None] * direction
+        full = problem.damped_product(direction)
+        curvature = (direction * full).sum(dim=1)  # <P, (P Hd) * M>, P being zero off the mask
+        step = torch.where(curvature > 0, rz / curvature.clamp_min(tiny), torch.zeros_like(rz))[:, None]
+        w.addcmul_(step, direction)
+        product.addcmul_(step, full)
+        residual.addcmul_(step, full.masked_fill_(dropped, 0.0), value=-1)
+        del full
+        rz_new = (residual.square() * inv_diag).sum(dim=1)
+        beta = torch.where(rz > 0, rz_new / rz.clamp_min(tiny), torch.zeros_like(rz))
+        direction.mul_(beta[:, None]).addcmul_(residual, inv_diag)
         rz = rz_new
         if iteration % check_every == 0 or iteration == max_iter:
             relative = math.sqrt(reduce_rows(float(rz.sum()))) / initial
+    del residual, direction
     # ||(W - W*) X||^2 = <W - W*, (W - W*) Hd> - lam ||W - W*||^2, and (W - W*) Hd = W Hd - rhs
     delta = w - problem.w_star
-    error = float((delta * (product - rhs)).sum() - problem.cholesky.lam * (delta * delta).sum())
+    error = float((delta * product.sub_(rhs)).sum() - lam * (delta * delta).sum())
+    del delta, product
     return problem.solution(w, mask, started=started, error=error, cg_iterations=iteration, cg_residual=relative)

@@ -29,7 +29,8 @@ from typing import Any
 
 import torch
 
-from sparsesolve.core.linalg import DampedCholesky, check_finite, compute_dtype_for, damped_cholesky, without_dead_inputs
+from sparsesolve.core.linalg import (DampedCholesky, check_finite, compute_dtype_for, damped_cholesky, plus_diagonal,
+                                     without_dead_inputs)
 from sparsesolve.core.quantize import QuantizationGrid
 
 __all__ = ["LayerProblem", "LayerSolution", "reconstruction_error"]
@@ -103,14 +104,20 @@ class LayerProblem:
 
     @property
     def damped_gram(self) -> torch.Tensor:
-        """``H + lam I`` as factored (the matrix the damped solvers actually minimise with)."""
-        return self.gram + self.cholesky.lam * torch.eye(self.gram.shape[0], dtype=self.gram.dtype, device=self.gram.device)
+        """``H + lam I`` as factored (the matrix the damped solvers actually minimise with), a new
+        ``n x n`` array: ``damped_product`` applies it without one."""
+        return plus_diagonal(self.gram, self.cholesky.lam)
+
+    def damped_product(self, weight: torch.Tensor) -> torch.Tensor:
+        """``weight (H + lam I) = weight H + lam weight`` for ``weight`` of shape ``(m, n)``: one product
+        and no ``n x n`` copy of ``H``."""
+        return torch.addmm(weight, weight, self.gram, beta=float(self.cholesky.lam))
 
     @property
     def rhs(self) -> torch.Tensor:
         """``W* (H + lam I)`` (``m x n``): the target's cross-covariance itself when one was given."""
         if self._rhs is None:
-            self._rhs = self.w_star @ self.damped_gram
+            self._rhs = self.damped_product(self.w_star)
         return self._rhs
 
     @property

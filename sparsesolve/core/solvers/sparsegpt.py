@@ -58,9 +58,7 @@ def sparsegpt(
         raise ValueError(f"blocksize must be >= 1, got {blocksize}")
     pattern.validate(tuple(weight.shape))
     problem = problem or LayerProblem.build(weight, gram, target=target, damp=damp, compute_dtype=compute_dtype)
-    hinv = torch.cholesky_inverse(problem.cholesky.factor)
-    inv_chol = damped_cholesky(hinv, 0.0)
-    upper = inv_chol.factor.T.contiguous()
+    upper, inverse_escalations = _inverse_upper_factor(problem)
     if isinstance(pattern, NM):
         blocksize = max(pattern.m, blocksize // pattern.m * pattern.m)
     w, mask, squared = _obs_pass(problem.w_star, upper, pattern, blocksize)
@@ -69,13 +67,21 @@ def sparsegpt(
                  for first in range(0, w.shape[1], quantizer.groupsize)]
         w, _, squared = _obs_pass(problem.w_star, upper, pattern, blocksize, mask, quantizer, grids)
     error = None
-    if inv_chol.escalations == 0:  # U^T U is Hd^{-1} itself: the error identity holds
+    if inverse_escalations == 0:  # U^T U is Hd^{-1} itself: the error identity holds
         delta = w.masked_fill(~mask, 0.0) - problem.w_star
         error = float(squared - problem.cholesky.lam.to(torch.float64) * (delta.double() ** 2).sum())
-    solution = problem.solution(w, mask, escalations=inv_chol.escalations, error=error)
+    solution = problem.solution(w, mask, escalations=inverse_escalations, error=error)
     if quantizer is not None:
         solution.grid = quantizer.grid(grids)
     return solution
+
+
+def _inverse_upper_factor(problem: LayerProblem) -> tuple[torch.Tensor, int]:
+    """The upper factor ``U`` (``n x n``) with ``U^T U = (H + lam I)^{-1}`` and the damping escalations
+    its factorisation needed. The inverse lives only inside this call, so beside ``H`` and the
+    problem's factor at most two more ``n x n`` arrays exist at once."""
+    inverse = damped_cholesky(torch.cholesky_inverse(problem.cholesky.factor), 0.0)
+    return inverse.factor.T.contiguous(), inverse.escalations
 
 
 def _obs_pass(w_star: torch.Tensor, upper: torch.Tensor, pattern: Pattern, blocksize: int,
