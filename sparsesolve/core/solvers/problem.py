@@ -29,8 +29,7 @@ from typing import Any
 
 import torch
 
-from sparsesolve.core.linalg import (DampedCholesky, check_finite, compute_dtype_for, damped_cholesky, plus_diagonal,
-                                     without_dead_inputs)
+from sparsesolve.core.linalg import DampedCholesky, check_finite, compute_dtype_for, damped_cholesky, plus_diagonal, without_dead_inputs
 from sparsesolve.core.quantize import QuantizationGrid
 
 __all__ = ["LayerProblem", "LayerSolution", "reconstruction_error"]
