@@ -262,3 +262,36 @@ def test_bfloat16_auxiliaries_of_a_float32_chain_halve_their_storage_not_the_res
     wide = {aux: ss.prune(copy.deepcopy(dense64), x64, method="sparsellm", pattern="0.7", iterations=1, aux_dtype=aux)
             for aux in ("inherit", "bfloat16")}
     assert stored[2:] == [{torch.float64}, {torch.float64}] and wide["bfloat16"].error == wide["inherit"].error
+
+
+def test_a_bfloat16_chains_candidates_are_held_in_bfloat16_with_the_same_result(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The candidates' weights (the one-shot start's and each pass's) stay in the model's dtype and
+    share storage with their solutions: no float32 copies (``4 d f`` bytes per linear at a peak), and
+    the pruned weights and errors are bit-identical to holding float32 copies of the same values."""
+    import sparsesolve.core.coordinator as coordinator
+    import sparsesolve.core.sequential as sequential
+
+    original, held = sequential.sequential_pass, []
+
+    def spy(*args, upcast: bool = False, **kwargs):
+        result = original(*args, **kwargs)
+        held.extend((w.dtype, w.data_ptr() == result.solutions[lin.name].weight.data_ptr())
+                    for stage, ws in zip(args[0].stages, result.weights) for lin, w in zip(stage.linears, ws))
+        if upcast:  # what the candidates held before: float32 copies
+            result.weights = [[w.float() for w in ws] for ws in result.weights]
+        return result
+
+    dense, x = gated_mlp(5).bfloat16(), correlated_inputs(600, 16, seed=5).bfloat16()
+    runs = {}
+    for upcast in (False, True):
+        patched = lambda *a, u=upcast, **k: spy(*a, upcast=u, **k)  # noqa: E731
+        monkeypatch.setattr(sequential, "sequential_pass", patched)
+        monkeypatch.setattr(coordinator, "sequential_pass", patched)
+        model = copy.deepcopy(dense)
+        runs[upcast] = (ss.prune(model, x, method="sparsellm", pattern="2:4", iterations=2, refine="cg", trust=0.3,
+                                    ridge=0.1), model)
+    assert held and all(entry == (torch.bfloat16, True) for entry in held)
+    (kept, kept_model), (copies, copies_model) = runs[False], runs[True]
+    untimed = [[{k: v for k, v in h.items() if k != "seconds"} for h in run.history] for run in (kept, copies)]
+    assert kept.error == copies.error and untimed[0] == untimed[1] and kept.best_iteration == copies.best_iteration
+    assert all(torch.equal(a, b) for a, b in zip(kept_model.state_dict().values(), copies_model.state_dict().values()))

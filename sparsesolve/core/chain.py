@@ -236,7 +236,7 @@ class Chain:
         a = x
         for l, stage in enumerate(self.stages):
             ws = [lin.weight for lin in stage.linears] if weights is None else weights[l]
-            pres = [apply_linear(a, w.to(a.dtype), lin) for lin, w in zip(stage.linears, ws)]
+            pres = [apply_linear(a, w, lin) for lin, w in zip(stage.linears, ws)]
             if l == len(self.stages) - 1:
                 return pres[0]
             a = stage.activate(pres)
@@ -249,8 +249,9 @@ def _bias(linear: LinearMap, dtype: torch.dtype) -> torch.Tensor | None:
 
 
 def apply_linear(x: torch.Tensor, weight: torch.Tensor, linear: LinearMap) -> torch.Tensor:
-    """``x W^T + b`` with the bias of ``linear`` cast to ``x``'s dtype."""
-    return _apply(x, weight, _bias(linear, x.dtype))
+    """``x W^T + b`` with the weight and the bias of ``linear`` cast to ``x``'s dtype (no copy when
+    they have it already)."""
+    return _apply(x, weight.to(x.dtype), _bias(linear, x.dtype))
 
 
 def _flatten(module: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:

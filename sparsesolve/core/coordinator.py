@@ -262,7 +262,7 @@ class CoordinatorState:
         """
         nxt = self.chain.stages[l + 1]
         ridge = self.gamma / (self.beta if l + 1 == self.last else self.alpha)
-        stacked = torch.cat(weights[l + 1])
+        stacked = torch.cat(weights[l + 1]).to(self.dtype)
         outer = stacked.shape[0] <= stacked.shape[1]
         small = stacked @ stacked.T if outer else stacked.T @ stacked
         chol = damped_cholesky(small + ridge * torch.eye(small.shape[0], dtype=self.dtype, device=small.device), 0.0)
@@ -379,7 +379,7 @@ def sparsellm(
         def solve(l: int, j: int, linear: LinearMap, h: torch.Tensor, acts: torch.Tensor) -> LayerSolution:
             cross = state.cross(state.stage_targets(l)[j], linear, acts)
             if config.trust > 0:
-                cross = trust_region_cross(cross, start.weights[l][j], h, config.trust)
+                cross = trust_region_cross(cross, start.weights[l][j].to(dtype), h, config.trust)
             previous = current.solutions[linear.name]
 
             def rows_solve(rows: slice) -> LayerSolution:

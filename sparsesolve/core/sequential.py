@@ -28,7 +28,9 @@ StageSolver = Callable[[int, int, LinearMap, torch.Tensor, torch.Tensor], LayerS
 
 @dataclass
 class ChainSolve:
-    """Weights of every linear (per stage, compute dtype, ``(out, in)``), their solutions by name, and
+    """Weights of every linear (per stage, ``(out, in)``, in the model's dtype: the values it will hold,
+    read in the compute dtype where used; a float32 copy of a bfloat16 model's weights would add
+    ``4 d f`` bytes per linear and candidate at a peak), their solutions by name, and
     the squared error ``sum_t w_t^2 ||f(x_t) - y_t||^2`` of the chain's output with those weights against
     the target (over every rank's tokens when token sharded). The output itself is never stored: at a
     7B width it would be one more ``N x d_out`` float32 array (2 GiB per 131,072 tokens) per candidate."""
@@ -66,7 +68,7 @@ def sequential_pass(
     for l, stage in enumerate(chain.stages):
         h = first_gram if l == 0 and first_gram is not None else gram(acts, chunk_size, dtype, token_weights)
         stage_solutions = [solve(l, j, lin, h, acts) for j, lin in enumerate(stage.linears)]
-        stage_weights = [s.weight.to(dtype) for s in stage_solutions]
+        stage_weights = [s.weight for s in stage_solutions]
         solutions.update({lin.name: s for lin, s in zip(stage.linears, stage_solutions)})
         weights.append(stage_weights)
         last = l == len(chain.stages) - 1

@@ -18,9 +18,13 @@ loaded) holds, at the peak, which is the FFN step:
   elementwise updates hold ``8 B c`` in chunks of ``B = min(C f, UPDATE_BLOCK)`` values
   (``UPDATE_BLOCK_DEVICE`` off the CPU), so it takes the larger of the two.
 - ``statistics``: the Grams and the solver's factors of the widest linear, ``3 f^2 c + 3 d f c``.
+- ``candidates``: sparsellm only, ``(g + 1) d f b + 5 d f c``: the one-shot start's weights of the
+  FFN's ``g + 1`` linears (in the model's dtype), kept as a candidate while the pass runs, and the
+  conjugate-gradient refit's five ``m x n`` arrays (a one-off CUDA allocation trace of the 7B-shaped
+  run found them at the peak).
 - ``layer``: the layer's weights, ``P b``.
 
-Everything but ``statistics``, ``chunks`` and ``layer`` divides by ``K`` under token sharding. The
+Everything but ``statistics``, ``candidates``, ``chunks`` and ``layer`` divides by ``K`` under token sharding. The
 model itself (host memory, one copy per rank process) is reported as ``model``, outside ``total``.
 ``benchmarks/bench_distributed.py`` checks the model against measured resident memory.
 """
@@ -58,6 +62,7 @@ def pruning_memory(*, tokens: int, d_model: int, d_ff: int, layer_params: int, m
         "workspace": ((g + 1) * n * f * a if coordinated else n * f * s) + n * d * c,
         "chunks": max(8 * min(chunk * f, block) if coordinated else 0, 3 * chunk * f) * c,
         "statistics": 3 * f * f * c + 3 * d * f * c,
+        "candidates": ((g + 1) * param_bytes + 5 * c) * d * f if coordinated else 0,
         "layer": layer_params * param_bytes,
     }
     return {**{k: float(v) for k, v in terms.items()}, "total": float(sum(terms.values())),
