@@ -64,13 +64,13 @@ from tqdm.auto import tqdm
 
 from sparsesolve.core.chain import Chain, LinearMap, apply_linear
 from sparsesolve.core.config import UPDATE_BLOCK, UPDATE_BLOCK_DEVICE, PruneConfig, SparseLLMConfig
-from sparsesolve.core.distributed import reduce_count, reduce_float
+from sparsesolve.core.distributed import reduce_count
 from sparsesolve.core.linalg import compute_dtype_for, damped_cholesky
 from sparsesolve.core.patterns import Pattern
 from sparsesolve.core.sequential import layerwise, sequential_pass
 from sparsesolve.core.solvers import LayerProblem, LayerSolution, cg_refit, get_solver, refit
 from sparsesolve.core.solvers.row_share import row_separable, solve_rows
-from sparsesolve.core.streaming import accumulate, gram, map_tokens, squared_error, token_chunks, weigh
+from sparsesolve.core.streaming import accumulate, gram, map_tokens, squared_error, squared_norm, token_chunks, weigh
 
 __all__ = ["ChainResult", "CoordinatorState", "HeldOut", "sparsellm", "prune_chain", "trust_region_cross"]
 
@@ -123,12 +123,6 @@ class ChainResult:
         return zeros / max(1, sum(s.mask.numel() for s in self.solutions.values()))
 
 
-def _squared_error(a: torch.Tensor, b: torch.Tensor | None, weights: torch.Tensor | None = None) -> float:
-    """``sum_t w_t^2 ||a_t - b_t||^2`` (``b`` zero when None, ``w`` all ones when None), over every
-    rank's tokens when token sharded."""
-    return reduce_float(float((weigh(a if b is None else a - b, weights, slice(None)) ** 2).sum()))
-
-
 def _token_count(inputs: torch.Tensor) -> int:
     """The number of calibration tokens (over all ranks when token sharded); one-line error when none."""
     count = reduce_count(inputs.shape[0])
@@ -153,7 +147,7 @@ class HeldOut:
         n, width = tokens.shape[0], chain.stages[-1].linear.weight.shape[0]
         self.target = map_tokens(n, chunk_size, lambda c: chain.forward(tokens[c].to(dtype)),
                                  torch.empty(n, width, dtype=dtype, device=tokens.device))
-        self.reference = _squared_error(self.target, None)
+        self.reference = squared_norm(self.target, chunk_size)
 
     def error(self, weights: list[list[torch.Tensor]]) -> float:
         """``||f_W(X_h) - Y_h||^2`` (over every rank's held-out tokens when token sharded), chunk by chunk:
@@ -349,7 +343,7 @@ def sparsellm(
     aux = torch.bfloat16 if config.aux_dtype == "bfloat16" and storage == torch.float32 else storage
     state = CoordinatorState(chain, inputs, dtype, aux, chunk_size, config.alpha, config.beta, config.gamma,
                              token_weights)
-    reference = _squared_error(state.target, None, token_weights)
+    reference = squared_norm(state.target, chunk_size, token_weights)
 
     start = layerwise(chain, inputs, pattern, solver, state.target, solver_options=options, dtype=dtype, storage_dtype=storage,
                       chunk_size=chunk_size, first_gram=state.input_gram, token_weights=token_weights,
@@ -464,5 +458,5 @@ def prune_chain(chain: Chain, inputs: torch.Tensor, config: PruneConfig, *, lang
             lin.assign(w)
     error = result.error
     held_error = None if held is None else held.error(result.weights)
-    return ChainResult(result.solutions, error, _squared_error(target, None, token_weights), error, [], 0,
+    return ChainResult(result.solutions, error, squared_norm(target, config.chunk_size, token_weights), error, [], 0,
                        time.perf_counter() - started, held_error, None if held is None else held.reference, held_error)

@@ -15,7 +15,7 @@ import torch
 
 from sparsesolve.core.distributed import reduce
 
-__all__ = ["token_chunks", "accumulate", "map_tokens", "gram", "squared_error", "weigh"]
+__all__ = ["token_chunks", "accumulate", "map_tokens", "gram", "squared_error", "squared_norm", "weigh"]
 
 
 
@@ -77,6 +77,13 @@ def squared_error(n_tokens: int, chunk_size: int | None, output: Callable[[slice
         return (weigh(out - target[c].to(out.dtype), weights, c).to(torch.float64) ** 2).sum()
 
     return float(accumulate(n_tokens, chunk_size, part))
+
+
+def squared_norm(values: torch.Tensor, chunk_size: int | None, weights: torch.Tensor | None = None) -> float:
+    """``sum_t w_t^2 ||v_t||^2`` of ``values`` (``N x d``), chunk by chunk in float64 (no ``N x d``
+    temporary), over every rank's tokens when token sharded."""
+    return float(accumulate(values.shape[0], chunk_size,
+                            lambda c: (weigh(values[c], weights, c).to(torch.float64) ** 2).sum()))
 
 
 def weigh(rows: torch.Tensor, weights: torch.Tensor | None, chunk: slice) -> torch.Tensor:
