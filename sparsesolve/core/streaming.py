@@ -80,8 +80,9 @@ def squared_error(n_tokens: int, chunk_size: int | None, output: Callable[[slice
 
 
 def squared_norm(values: torch.Tensor, chunk_size: int | None, weights: torch.Tensor | None = None) -> float:
-    """``sum_t w_t^2 ||v_t||^2`` of ``values`` (``N x d``), chunk by chunk in float64 (no ``N x d``
-    temporary), over every rank's tokens when token sharded."""
+    """``sum_t w_t^2 ||v_t||^2`` of ``values`` (``N x d``), summed in float64 one chunk of
+    ``chunk_size`` tokens at a time (so with a chunk size no ``N x d`` temporary; None: one chunk),
+    over every rank's tokens when token sharded."""
     return float(accumulate(values.shape[0], chunk_size,
                             lambda c: (weigh(values[c], weights, c).to(torch.float64) ** 2).sum()))
 
