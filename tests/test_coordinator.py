@@ -4,6 +4,7 @@ says, it never returns worse than its one-shot start, sparsity is exact, and chu
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -284,7 +285,7 @@ def test_a_bfloat16_chains_candidates_are_held_in_bfloat16_with_the_same_result(
     dense, x = gated_mlp(5).bfloat16(), correlated_inputs(600, 16, seed=5).bfloat16()
     runs = {}
     for upcast in (False, True):
-        patched = lambda *a, u=upcast, **k: spy(*a, upcast=u, **k)  # noqa: E731
+        patched = functools.partial(spy, upcast=upcast)
         monkeypatch.setattr(sequential, "sequential_pass", patched)
         monkeypatch.setattr(coordinator, "sequential_pass", patched)
         model = copy.deepcopy(dense)

@@ -65,7 +65,7 @@ from tqdm.auto import tqdm
 from sparsesolve.core.chain import Chain, LinearMap, apply_linear
 from sparsesolve.core.config import UPDATE_BLOCK, UPDATE_BLOCK_DEVICE, PruneConfig, SparseLLMConfig
 from sparsesolve.core.distributed import reduce_count
-from sparsesolve.core.linalg import compute_dtype_for, damped_cholesky
+from sparsesolve.core.linalg import compute_dtype_for, damped_cholesky, plus_diagonal
 from sparsesolve.core.patterns import Pattern
 from sparsesolve.core.sequential import layerwise, sequential_pass
 from sparsesolve.core.solvers import LayerProblem, LayerSolution, cg_refit, get_solver, refit
@@ -259,7 +259,7 @@ class CoordinatorState:
         stacked = torch.cat(weights[l + 1]).to(self.dtype)
         outer = stacked.shape[0] <= stacked.shape[1]
         small = stacked @ stacked.T if outer else stacked.T @ stacked
-        chol = damped_cholesky(small + ridge * torch.eye(small.shape[0], dtype=self.dtype, device=small.device), 0.0)
+        chol = damped_cholesky(plus_diagonal(small, torch.tensor(ridge, dtype=self.dtype, device=small.device)), 0.0)
         coupling = chol.solve(stacked) if outer else chol.solve(stacked.T).T
         biases = [lin.bias for lin in nxt.linears]
         bias = None if all(b is None for b in biases) else torch.cat(
