@@ -1,6 +1,6 @@
 """Layer-wise sparsity allocation: exact averages, OWL's ordering, the OBS and Fisher curves against an
-exact refit, the Fisher row weights against autograd, optimality of the Lagrangian split, and whole
-decoders pruned under each allocation."""
+exact refit, the Fisher row weights against autograd, optimality of the Lagrangian split, whole
+decoders pruned under each allocation, and the per-linear unit (its curves summing to the layer's)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ from tiny_lm import VOCAB, tiny_model
 from sparsesolve.core.config import PruneConfig
 from sparsesolve.core.solvers import refit
 from sparsesolve.lm.adapters import get_adapter
-from sparsesolve.lm.allocation import GRID_STEP, LayerStatistics, _statistics, allocate, sparsity_grid
+from sparsesolve.lm.allocation import GRID_STEP, LayerStatistics, _statistics, allocate, layer_statistics, sparsity_grid
 from sparsesolve.lm.decoder import prune_decoder
 from sparsesolve.lm.fisher import output_fisher
+from sparsesolve.lm.layer_inputs import capture_first_inputs
 
 
 def _stats(params: list[int], outliers: list[float], slopes: list[float], target: float = 0.7,
@@ -142,3 +143,52 @@ def test_an_allocation_needs_an_unstructured_target() -> None:
         PruneConfig("2:4", allocation="owl")
     with pytest.raises(ValueError, match="unknown allocation 'best'"):
         PruneConfig("0.7", allocation="best")
+
+
+@pytest.mark.parametrize("method", ["sparsegpt", "sparsellm"])
+def test_a_per_linear_allocation_gives_each_linear_its_own_sparsity_and_keeps_the_average(method: str) -> None:
+    windows = torch.randint(0, VOCAB, (8, 32), generator=torch.Generator().manual_seed(0))
+    model = tiny_model("llama", layers=3)
+    names = {lin.name: lin.weight.numel() for i in range(3) for lin in get_adapter(model).layer_map(model, i).linears}
+    result = prune_decoder(model, windows, PruneConfig("0.6", method=method, allocation="fisher", allocation_range=0.1,
+                                                       allocation_unit="linear"), progress=False)
+    assert set(result.allocation) == set(names)
+    requested = sum(result.allocation[n] * p for n, p in names.items()) / sum(names.values())
+    assert requested == pytest.approx(0.6, abs=1e-12)
+    assert all(0.5 - 1e-12 <= s <= 0.7 + 1e-12 for s in result.allocation.values())
+    for i in range(3):      # the linears of one layer differ: a per-layer allocation could not give these
+        assert len({round(result.allocation[lin.name], 6) for lin in get_adapter(model).layer_map(model, i).linears}) > 1
+    for name, mask in result.masks.items():     # each row rounds its own zeros
+        assert abs(float((~mask).sum()) / mask.numel() - result.allocation[name]) <= 0.5 / mask.shape[1] + 1e-12
+
+
+def test_a_layers_error_curve_is_the_sum_of_its_linears_curves() -> None:
+    windows = torch.randint(0, VOCAB, (4, 32), generator=torch.Generator().manual_seed(1))
+    model = tiny_model("llama", layers=2)
+    adapter, grid = get_adapter(model), sparsity_grid(0.6, 0.1)
+    fisher = output_fisher(model, adapter, [0, 1], windows, 4)
+    curves = {}
+    for unit in ("layer", "linear"):
+        inputs = capture_first_inputs(model, adapter.layers(model)[0], windows, 4, torch.float32, torch.device("cpu"))
+        curves[unit] = layer_statistics(model, adapter, [0, 1], inputs, torch.float32, torch.device("cpu"), grid,
+                                        row_weights=fisher, unit=unit)
+    assert set(curves["layer"]) == {0, 1}
+    for i in (0, 1):
+        linears = adapter.layer_map(model, i).linears
+        summed = sum(curves["linear"][lin.name].errors for lin in linears)
+        torch.testing.assert_close(curves["layer"][i].errors, summed, rtol=1e-12, atol=0)
+        assert curves["layer"][i].params == sum(curves["linear"][lin.name].params for lin in linears)
+
+
+def test_a_per_linear_allocation_refuses_moe_experts() -> None:
+    from transformers import AutoModelForCausalLM
+
+    from benchmarks.architecture_census import tiny_config
+
+    model = AutoModelForCausalLM.from_config(tiny_config("mixtral")).eval()
+    windows = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="allocation_unit 'linear' .* MoE experts"):
+        prune_decoder(model, windows, PruneConfig("0.6", method="sparsegpt", allocation="owl", allocation_unit="linear"),
+                      progress=False)
+    with pytest.raises(ValueError, match="allocation_unit: must be one of layer, linear"):
+        PruneConfig("0.6", allocation="owl", allocation_unit="expert")

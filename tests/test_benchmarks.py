@@ -227,3 +227,18 @@ def test_an_allocation_run_is_compared_with_the_uniform_run_of_its_own_ridge(tmp
     # a ridge limited to sparsities below 0.5 was not in force at 0.6: the run pairs with ridgenone
     write("_obs", 72.0, 0.1, (0.55, 0.65), ridge_below=0.5)
     assert "| sparsellm | 0.6 | obs | 0.550-0.650 | 72.0 | -10% |" in study_tables.allocation_table("smoke", "full", tmp_path)
+
+
+def test_a_per_linear_allocation_run_has_its_own_file_and_table_row(tmp_path) -> None:
+    name = ppl_vs_sparsity.run_name("smoke", "full", "sparsellm", "0.6", allocation="fisher", allocation_range=0.2,
+                                    allocation_unit="linear")
+    assert name == "smoke_full_sparsellm_0.6_fisher-linear_range0.2"
+    assert ppl_vs_sparsity.run_name("smoke", "full", "sparsellm", "0.6", allocation_unit="linear") == "smoke_full_sparsellm_0.6"
+    for stem, wiki, spread in (("", 100.0, (0.6, 0.6)), ("_fisher", 90.0, (0.5, 0.7)), ("_fisher-linear", 70.0, (0.55, 0.65)),
+                               ("_fisher-linear_range0.2", 60.0, (0.45, 0.75))):
+        (tmp_path / f"smoke_full_sparsegpt_0.6{stem}.json").write_text(json.dumps(
+            {"pattern": "0.6", "perplexity": {"wiki": wiki}, "sparsellm_options": None, "layer_sparsity": dict(enumerate(spread))}))
+    table = study_tables.allocation_table("smoke", "full", tmp_path)
+    assert "| sparsegpt | 0.6 | fisher | 0.500-0.700 | 90.0 | -10% |" in table
+    assert "| sparsegpt | 0.6 | fisher-linear | 0.550-0.650 | 70.0 | -30% |" in table
+    assert "| sparsegpt | 0.6 | fisher-linear_range0.2 | 0.450-0.750 | 60.0 | -40% |" in table

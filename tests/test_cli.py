@@ -92,6 +92,8 @@ def test_bad_input_is_one_line_with_nothing_left_behind(tiny_folder: Path, tmp_p
 @pytest.mark.parametrize(("argv", "message"), [
     (["prune", "--model", "no-such-model", "--sparsity", "0.5", "--out", "X"], "cannot load model 'no-such-model'"),
     (["prune", "--method", "obs", "--sparsity", "0.5", "--out", "X"], "invalid choice: 'obs'"),
+    (["prune", "--sparsity", "0.5", "--allocation", "fisher", "--allocation-unit", "expert", "--out", "X"],
+     "invalid choice: 'expert'"),
     (["prune", "--sparsity", "0.5"], "--out"),
     (["eval", "--model", "M", "--data", "wikitext9"], "unknown corpus 'wikitext9'"),
 ])

@@ -296,3 +296,45 @@ def test_a_bfloat16_chains_candidates_are_held_in_bfloat16_with_the_same_result(
     untimed = [[{k: v for k, v in h.items() if k != "seconds"} for h in run.history] for run in (kept, copies)]
     assert kept.error == copies.error and untimed[0] == untimed[1] and kept.best_iteration == copies.best_iteration
     assert all(torch.equal(a, b) for a, b in zip(kept_model.state_dict().values(), copies_model.state_dict().values()))
+
+
+@pytest.mark.parametrize("method", ["sparsegpt", "sparsellm"])
+def test_per_linear_patterns_prune_each_linear_to_its_own_and_one_for_all_changes_nothing(
+        method: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sparsesolve.core.chain import Chain
+    from sparsesolve.core.config import PruneConfig
+    from sparsesolve.core.coordinator import prune_chain
+    from sparsesolve.core.patterns import Unstructured
+    from sparsesolve.core.solvers import LayerProblem
+
+    x = correlated_inputs(400, 16, seed=4)
+    config = PruneConfig("0.7", method=method)
+    names = [lin.name for lin in Chain.from_module(gated_mlp(2)).linears]
+    same, mapped = gated_mlp(2), gated_mlp(2)
+    with torch.no_grad():
+        a = prune_chain(Chain.from_module(same), x, config, language_model=True)
+        b = prune_chain(Chain.from_module(mapped), x, config, language_model=True,
+                        patterns={name: config.pattern for name in names})
+    assert a.error == b.error and a.start_error == b.start_error
+    for p, q in zip(same.parameters(), mapped.parameters()):
+        assert torch.equal(p, q)
+    # its own sparsity per linear; the ridge (default 0.1 below 0.75) in force per linear, by its own sparsity
+    own = dict(zip(names, (Unstructured(0.5), Unstructured(0.8), Unstructured(0.6))))
+    damps: list[float] = []
+    build = LayerProblem.build.__func__
+
+    def spy(cls: type, weight: torch.Tensor, gram: torch.Tensor, **kwargs: object) -> LayerProblem:
+        if kwargs.get("target") is not None:        # the coordinated solves (the start's have no target)
+            damps.append(float(kwargs["damp"]))
+        return build(cls, weight, gram, **kwargs)
+
+    monkeypatch.setattr(LayerProblem, "build", classmethod(spy))
+    model = gated_mlp(2)
+    with torch.no_grad():
+        result = prune_chain(Chain.from_module(model), x, config, language_model=True, patterns=own)
+    for name in names:
+        own[name].check_mask(result.solutions[name].mask)
+    if method == "sparsellm":
+        assert damps == pytest.approx([0.11, 0.01, 0.11]) and result.error <= result.start_error
+    else:
+        assert damps == []

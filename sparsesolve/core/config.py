@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from sparsesolve.core.patterns import Pattern
     from sparsesolve.core.quantize import GroupQuantizer
 
-__all__ = ["ALLOCATIONS", "CG_TOL", "DEFAULT_CHUNK", "LOCAL_NEWTON_STEPS", "MASK_SCOPES", "METHODS", "REFINEMENTS",
+__all__ = ["ALLOCATIONS", "ALLOCATION_UNITS", "CG_TOL", "DEFAULT_CHUNK", "LOCAL_NEWTON_STEPS", "MASK_SCOPES", "METHODS", "REFINEMENTS",
            "SOLVER_NAMES", "STORAGE_DTYPES", "UPDATE_BLOCK", "UPDATE_BLOCK_DEVICE",
            "PruneConfig", "SparseLLMConfig", "option"]
 
@@ -41,6 +41,8 @@ CG_TOL = 3e-4
 LOCAL_NEWTON_STEPS = 1
 #: layer-wise sparsity allocations of an unstructured target (``lm/allocation.py``).
 ALLOCATIONS = ("uniform", "owl", "obs", "fisher")
+#: what a layer-wise allocation gives a sparsity of its own: each decoder layer, or each linear of every layer
+ALLOCATION_UNITS = ("layer", "linear")
 #: where an unstructured sparsity is counted: in every row, or over the whole layer (``patterns.Unstructured``).
 MASK_SCOPES = ("row", "layer")
 #: tokens per chunk for per-token work: bounds the float32 copies to ``8192 x width``.
@@ -159,6 +161,11 @@ class SparseLLMConfig:
         return cls.with_options(cls(iterations=1, alpha=0.1, prox="local", trace=False, ridge=0.1, ridge_below=0.75,
                                     aux_dtype="bfloat16"), overrides)
 
+    def aux_storage(self, storage: str) -> str:
+        """The dtype (name) the auxiliaries are stored in when the activations are stored in ``storage``
+        (a name: ``"float32"``, ``"bfloat16"``, ...): ``aux_dtype`` for float32 activations, else theirs."""
+        return "bfloat16" if self.aux_dtype == "bfloat16" and storage == "float32" else storage
+
     def ridge_at(self, sparsity: float) -> float | None:
         """The ridge in force for a layer pruned to ``sparsity`` (``ridge``, or None at or above
         ``ridge_below``)."""
@@ -233,6 +240,9 @@ class PruneConfig:
     allocation_range: float = option(0.08, "how far the layers' sparsities move: owl spans twice this (OWL's "
                                            "lambda, 0.08 for LLaMA), obs and fisher keep each layer within this of "
                                            "the target")
+    allocation_unit: str = option("layer", "what gets a sparsity of its own under an allocation: layer (every linear "
+                                           "of a decoder layer alike) or linear (each linear; not for MoE experts)",
+                                  choices=ALLOCATION_UNITS)
 
     def __post_init__(self) -> None:
         from sparsesolve.core.patterns import Pattern, parse_pattern
@@ -291,6 +301,8 @@ class PruneConfig:
         if self.allocation != "uniform" and not hasattr(self.pattern, "fraction"):
             _fail("allocation", f"{self.allocation!r} spreads an unstructured sparsity over the layers; "
                                 f"pattern {self.pattern} fixes every layer's (use a fraction such as 0.7)")
+        if self.allocation_unit not in ALLOCATION_UNITS:
+            _fail("allocation_unit", f"must be one of {', '.join(ALLOCATION_UNITS)}, got {self.allocation_unit!r}")
         if not 0 < self.allocation_range <= 0.5:
             _fail("allocation_range", f"must be in (0, 0.5], got {self.allocation_range!r}")
 
@@ -314,4 +326,4 @@ class PruneConfig:
                 "batch_size": self.batch_size, "storage_dtype": self.storage_dtype, "device": self.device,
                 "chunk_size": self.chunk_size, "allocation": self.allocation, "mask_scope": self.mask_scope,
                 "true_sequential": self.true_sequential,
-                "allocation_range": self.allocation_range}
+                "allocation_range": self.allocation_range, "allocation_unit": self.allocation_unit}

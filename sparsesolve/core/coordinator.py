@@ -49,13 +49,13 @@ Three options guard against over-fitting the calibration tokens:
   span toward zero, where the one-shot solves (no target) keep the dense weights; with ``r`` it pays
   ``(damp + r) mean(diag H) ||W - W0||^2`` instead, which only adds ``lam W0`` to the cross-covariance
   (``LayerProblem.build(anchor=W0)``): those directions keep the one-shot weights. With
-  ``config.ridge_below`` it applies only when the pattern's sparsity is below that.
+  ``config.ridge_below`` it applies only when the linear's pattern's sparsity is below that.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,7 +66,7 @@ from sparsesolve.core.chain import Chain, LinearMap, apply_linear
 from sparsesolve.core.config import UPDATE_BLOCK, UPDATE_BLOCK_DEVICE, PruneConfig, SparseLLMConfig
 from sparsesolve.core.distributed import reduce_count
 from sparsesolve.core.linalg import compute_dtype_for, damped_cholesky, plus_diagonal
-from sparsesolve.core.patterns import Pattern
+from sparsesolve.core.patterns import Pattern, Patterns, pattern_for
 from sparsesolve.core.sequential import layerwise, sequential_pass
 from sparsesolve.core.solvers import LayerProblem, LayerSolution, cg_refit, get_solver, refit
 from sparsesolve.core.solvers.row_share import row_separable, solve_rows
@@ -294,7 +294,7 @@ class CoordinatorState:
 def sparsellm(
     chain: Chain,
     inputs: torch.Tensor,
-    pattern: Pattern,
+    pattern: Patterns,
     config: SparseLLMConfig | None = None,
     *,
     solver: str = "sparsegpt",
@@ -308,6 +308,8 @@ def sparsellm(
 ) -> ChainResult:
     """Prune every linear of ``chain`` jointly (module docstring); weights are written into its modules.
 
+    - ``pattern``: one for every linear, or one per linear name (a per-linear allocation; the ridge
+      then applies per linear, by its own sparsity).
     - ``inputs``: calibration inputs of the chain, ``N x n`` (tokens as rows); inside
       ``distributed.token_sharded()`` this rank's share, every token sum then covering all ranks'.
     - ``solver``: per-layer masked solver of each coordinated pass and of the one-shot start (``SOLVERS``).
@@ -331,7 +333,6 @@ def sparsellm(
       them (module docstring).
     """
     config = SparseLLMConfig.with_options(config or SparseLLMConfig(), overrides)
-    ridge = config.ridge_at(pattern.sparsity)
     started = time.perf_counter()
     dtype = compute_dtype_for(inputs)
     storage = storage_dtype or inputs.dtype
@@ -340,7 +341,7 @@ def sparsellm(
     damp = options.get("damp", 0.01)
     fixed_mask = _fixed_mask_solver(config.refine, config.refine_tol, config.refine_iter, _token_count(inputs))
     held = _held_out(chain, heldout, chunk_size, dtype)
-    aux = torch.bfloat16 if config.aux_dtype == "bfloat16" and storage == torch.float32 else storage
+    aux = getattr(torch, config.aux_storage(str(storage).removeprefix("torch.")))
     state = CoordinatorState(chain, inputs, dtype, aux, chunk_size, config.alpha, config.beta, config.gamma,
                              token_weights)
     reference = squared_norm(state.target, chunk_size, token_weights)
@@ -371,6 +372,8 @@ def sparsellm(
             record(f"preactivation {l}")
 
         def solve(l: int, j: int, linear: LinearMap, h: torch.Tensor, acts: torch.Tensor) -> LayerSolution:
+            own = pattern_for(pattern, linear.name)
+            ridge = config.ridge_at(own.sparsity)
             cross = state.cross(state.stage_targets(l)[j], linear, acts)
             if config.trust > 0:
                 cross = trust_region_cross(cross, start.weights[l][j].to(dtype), h, config.trust)
@@ -383,10 +386,10 @@ def sparsellm(
                                              compute_dtype=dtype, anchor=anchor)
                 if not config.reselect_mask:
                     return fixed_mask(problem, previous.mask[rows], previous.weight[rows], None)
-                sol = method(linear.weight[rows], h, pattern, problem=problem, **options)
+                sol = method(linear.weight[rows], h, own, problem=problem, **options)
                 return sol if fixed_mask is None else fixed_mask(problem, sol.mask, sol.weight, sol)
 
-            separable = row_separable(solver, None if not config.reselect_mask else pattern)
+            separable = row_separable(solver, None if not config.reselect_mask else own)
             return solve_rows(rows_solve, linear.weight.shape[0], separable)
 
         current = sequential_pass(chain, inputs, solve, state.target, dtype=dtype, storage_dtype=storage, chunk_size=chunk_size,
@@ -433,12 +436,13 @@ def _fixed_mask_solver(refine: str, tol: float, max_iter: int | None, n_tokens: 
 
 def prune_chain(chain: Chain, inputs: torch.Tensor, config: PruneConfig, *, language_model: bool = False,
                 progress: bool = False, token_weights: torch.Tensor | None = None,
-                heldout: torch.Tensor | None = None) -> ChainResult:
+                heldout: torch.Tensor | None = None, patterns: Mapping[str, Pattern] | None = None) -> ChainResult:
     """Prune a chain as ``config`` says: ``"sparsellm"`` coordinates it (``config.coordinator``; the
     language-model defaults when ``language_model``), a per-layer solver prunes one linear after the
     other. ``token_weights``, ``heldout``: see ``sparsellm`` (a per-layer solver only reports the
-    held-out error: it has no candidates to choose among)."""
-    pattern, options = config.pattern, config.solve_options()
+    held-out error: it has no candidates to choose among); ``patterns``: one per linear name instead of
+    ``config.pattern`` (a per-linear allocation)."""
+    pattern, options = config.pattern if patterns is None else patterns, config.solve_options()
     storage = None if config.storage_dtype is None else getattr(torch, config.storage_dtype)
     if config.method == "sparsellm":
         return sparsellm(chain, inputs, pattern, config.coordinator(language_model), solver=config.solver,

@@ -15,11 +15,12 @@ from __future__ import annotations
 import math
 import re
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Pattern", "Unstructured", "NM", "parse_pattern", "keep_largest"]
+__all__ = ["Pattern", "Patterns", "Unstructured", "NM", "parse_pattern", "pattern_for", "keep_largest"]
 
 
 def round_half_up(x: float) -> int:
@@ -189,3 +190,16 @@ def parse_pattern(spec: Pattern | str | float, scope: str = "row") -> Pattern:
     raise ValueError(
         f"cannot read a sparsity pattern from {spec!r}: use a fraction (0.7), a percentage (70%) or N:M (2:4)"
     )
+
+
+#: one pattern for every linear, or one per linear name (a per-linear sparsity allocation)
+Patterns = Pattern | Mapping[str, Pattern]
+
+
+def pattern_for(patterns: Patterns, name: str) -> Pattern:
+    """The pattern of the linear called ``name``: ``patterns`` itself, or its entry for ``name``."""
+    if isinstance(patterns, Pattern):
+        return patterns
+    if name not in patterns:
+        raise KeyError(f"no pattern for linear {name!r}; the per-linear patterns cover {', '.join(sorted(patterns))}")
+    return patterns[name]

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from sparsesolve.core.chain import Chain, LinearMap, apply_linear
-from sparsesolve.core.patterns import Pattern
+from sparsesolve.core.patterns import Patterns, pattern_for
 from sparsesolve.core.solvers import LayerSolution, get_solver
 from sparsesolve.core.solvers.row_share import row_separable, solve_rows
 from sparsesolve.core.streaming import gram, map_tokens, squared_error
@@ -89,7 +89,7 @@ def sequential_pass(
 def layerwise(
     chain: Chain,
     inputs: torch.Tensor,
-    pattern: Pattern,
+    pattern: Patterns,
     solver: str,
     target: torch.Tensor,
     *,
@@ -102,15 +102,15 @@ def layerwise(
     last_input: torch.Tensor | None = None,
 ) -> ChainSolve:
     """Layer-wise pruning: each linear reconstructs its own dense weight on its pruned inputs
-    (``target``, ``first_gram``, ``token_weights``, ``last_input``: see ``sequential_pass``)."""
+    (``pattern``: one for all, or one per linear name; ``target``, ``first_gram``, ``token_weights``,
+    ``last_input``: see ``sequential_pass``)."""
     method = get_solver(solver)
     options = dict(solver_options or {})
 
-    separable = row_separable(solver, pattern)
-
     def solve(l: int, j: int, linear: LinearMap, h: torch.Tensor, acts: torch.Tensor) -> LayerSolution:
-        return solve_rows(lambda rows: method(linear.weight[rows], h, pattern, compute_dtype=dtype, **options),
-                          linear.weight.shape[0], separable)
+        own = pattern_for(pattern, linear.name)
+        return solve_rows(lambda rows: method(linear.weight[rows], h, own, compute_dtype=dtype, **options),
+                          linear.weight.shape[0], row_separable(solver, own))
 
     return sequential_pass(chain, inputs, solve, target, dtype=dtype, storage_dtype=storage_dtype, chunk_size=chunk_size,
                            first_gram=first_gram, token_weights=token_weights, last_input=last_input)

@@ -27,6 +27,11 @@ before pruning (``layer_statistics``: each linear's input Gram ``H``, all-reduce
   zeros. A layer whose errors the rest of the model absorbs (small ``f``) takes more zeros; ``"obs"``
   cannot see that.
 
+With ``unit="linear"`` each linear of every chosen layer is its own unit: its own ``P``, outlier ratio
+and curve, the same rules over all of them (a layer's curve is the sum of its linears' curves, so the
+layer unit is the linear unit constrained to one sparsity per layer; the Fisher weights then also
+split the zeros between, say, a layer's value and down projections). MoE experts are not covered.
+
 Either way the sparsities are then shifted together (and clipped to their bounds) until the
 parameter-weighted average is ``S`` to rounding (``_exact``). Experts of an MoE layer take their
 layer's sparsity; the statistics read the layer's other linears.
@@ -36,6 +41,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -70,13 +76,15 @@ class LayerStatistics:
 
 def layer_statistics(model: nn.Module, adapter: Adapter, layers: Sequence[int], inputs: LayerInputs,
                      dtype: torch.dtype, device: torch.device, grid: torch.Tensor, damp: float = 0.01,
-                     row_weights: dict[str, torch.Tensor] | None = None) -> dict[int, LayerStatistics]:
+                     row_weights: dict[str, torch.Tensor] | None = None,
+                     unit: str = "layer") -> dict[int | str, LayerStatistics]:
     """Run the dense decoder over ``inputs`` (the first layer's, per batch; consumed) up to the last of
-    ``layers`` and return each chosen layer's statistics (module docstring) at the sparsities ``grid``;
-    with ``row_weights`` (per linear name, one weight per output row: ``"fisher"``) the error curves
-    weigh each row's squared output error by them, else by ``1 / ||W X||^2`` (``"obs"``)."""
+    ``layers`` and return the statistics (module docstring) at the sparsities ``grid`` of each chosen
+    layer (by index) or, with ``unit="linear"``, of each of their linears (by name); with
+    ``row_weights`` (per linear name, one weight per output row: ``"fisher"``) the error curves weigh each
+    row's squared output error by them, else by ``1 / ||W X||^2`` (``"obs"``)."""
     decoder = adapter.layers(model)
-    stats: dict[int, LayerStatistics] = {}
+    stats: dict[int | str, LayerStatistics] = {}
     for index in range(max(layers) + 1):
         layer = decoder[index]
         home = next(layer.parameters()).device
@@ -95,7 +103,11 @@ def layer_statistics(model: nn.Module, adapter: Adapter, layers: Sequence[int], 
                 handle.remove()
         if index in layers:
             grams = {key: distributed.reduce(g) for key, g in grams.items()}
-            stats[index] = _statistics(linears, grams, grid, damp, sum(lin.weight.numel() for lin in every), row_weights)
+            if unit == "layer":
+                stats[index] = _statistics(linears, grams, grid, damp, sum(lin.weight.numel() for lin in every), row_weights)
+            else:
+                stats.update({lin.name: _statistics([lin], grams, grid, damp, lin.weight.numel(), row_weights)
+                              for lin in linears})
         layer.to(home)
     return stats
 
@@ -139,8 +151,9 @@ def sparsity_grid(target: float, spread: float) -> torch.Tensor:
     return torch.linspace(low, high, count, dtype=torch.float64)
 
 
-def allocate(kind: str, target: float, stats: dict[int, LayerStatistics], spread: float) -> dict[int, float]:
-    """Each layer's sparsity under allocation ``kind`` (module docstring) for the average ``target``."""
+def allocate(kind: str, target: float, stats: dict[Any, LayerStatistics], spread: float) -> dict[Any, float]:
+    """Each unit's sparsity (a layer's or a linear's, by the keys of ``stats``) under allocation ``kind``
+    (module docstring) for the average ``target``."""
     if kind not in ALLOCATIONS:
         raise ValueError(f"unknown allocation {kind!r}; choose one of {', '.join(ALLOCATIONS)}")
     layers = sorted(stats)

@@ -45,7 +45,7 @@ from sparsesolve.core.chain import Chain, LinearMap
 from sparsesolve.core.config import PruneConfig
 from sparsesolve.core.coordinator import ChainResult, prune_chain
 from sparsesolve.core.linalg import compute_dtype_for
-from sparsesolve.core.patterns import Pattern, Unstructured
+from sparsesolve.core.patterns import Pattern, Unstructured, pattern_for
 from sparsesolve.core.quantize import QuantizationGrid
 from sparsesolve.core.solvers import get_solver
 from sparsesolve.core.solvers.row_share import row_separable, solve_rows
@@ -70,8 +70,9 @@ class PruneResult:
       every linear a quantising solve produced (empty otherwise), by the same names.
     - ``seconds`` (wall), ``forward_seconds`` (capturing inputs, propagating), ``solve_seconds``.
     - ``resumed_layers``: layers read back from checkpoints instead of pruned again.
-    - ``allocation``: each pruned layer's requested sparsity under a non-uniform ``config.allocation``
-      (empty for uniform).
+    - ``allocation``: the requested sparsity under a non-uniform ``config.allocation`` of each pruned
+      layer (by index) or, with ``config.allocation_unit="linear"``, of each pruned linear (by name);
+      empty for uniform.
     """
 
     layers: list[LayerRecord]
@@ -81,7 +82,7 @@ class PruneResult:
     forward_seconds: float = 0.0
     solve_seconds: float = 0.0
     resumed_layers: list[int] = field(default_factory=list)
-    allocation: dict[int, float] = field(default_factory=dict)
+    allocation: dict[int | str, float] = field(default_factory=dict)
 
     @property
     def sparsity(self) -> float:
@@ -141,6 +142,8 @@ class _LayerPruner:
         self.attention_separable = row_separable(name, config.pattern)
         self.solve_options = config.solve_options()
         self.forward_seconds = 0.0
+        #: one pattern per linear name (a per-linear allocation), else None: ``config.pattern`` for all
+        self.patterns: dict[str, Pattern] | None = None
 
     @contextmanager
     def forward_pass(self) -> Iterator[None]:
@@ -172,8 +175,9 @@ class _LayerPruner:
             compute = compute_dtype_for(weight)
             gram = self._attention_gram(layer, group, inputs) if grams is None else grams[g]
             for lin in group:
-                sol = solve_rows(lambda rows, w=lin.weight: self.attention_solver(
-                    w[rows], gram, self.config.pattern, compute_dtype=compute, **self.solve_options),
+                pattern = pattern_for(self.patterns or self.config.pattern, lin.name)
+                sol = solve_rows(lambda rows, w=lin.weight, p=pattern: self.attention_solver(
+                    w[rows], gram, p, compute_dtype=compute, **self.solve_options),
                     lin.weight.shape[0], self.attention_separable)
                 lin.assign(sol.weight)
                 outcome.add(lin, sol)
@@ -182,7 +186,7 @@ class _LayerPruner:
         if lmap.ffn is not None:
             if tokens is None:
                 tokens, held = self._ffn_inputs(layer, lmap, inputs, heldout)
-            result = prune_chain(lmap.ffn, tokens, self.config, language_model=True, heldout=held)
+            result = prune_chain(lmap.ffn, tokens, self.config, language_model=True, heldout=held, patterns=self.patterns)
             del tokens
             outcome.add_chain(lmap.ffn, result)
             ffn, solve_seconds = FFNRecord.from_chain(result), solve_seconds + result.seconds
@@ -291,8 +295,9 @@ def prune_decoder(
     - ``config.batch_size``: windows per forward pass; ``storage_dtype``: dtype of stored activations
       (default the model's; bfloat16 halves activation memory; solves stay float32); ``device``: where
       layers are processed (default the model's device); ``chunk_size``: tokens per chunk in the FFN solve.
-    - ``config.allocation``: each layer's sparsity of an unstructured target (``lm/allocation.py``: a
-      dense pass over the windows first), returned as ``PruneResult.allocation``.
+    - ``config.allocation``: each layer's (``allocation_unit="linear"``: each linear's) sparsity of an
+      unstructured target (``lm/allocation.py``: a dense pass over the windows first), returned as
+      ``PruneResult.allocation``.
     - ``config.sparsellm.heldout_fraction``: that share of the windows (``HELDOUT_SEED``) is kept out of
       every fit, carried through the pruned layers and handed to each FFN coordinator, which chooses
       its candidate by the error on it (experts of an MoE layer choose on their fitted tokens).
@@ -354,8 +359,11 @@ def _prune_layers(model: nn.Module, calibration: torch.Tensor, config: PruneConf
             layer.to(device)
             if index in chosen:
                 lmap = adapter.layer_map(model, index)
-                if sparsities:
+                if sparsities and config.allocation_unit == "layer":
                     pruner.config = replace(config, pattern=Unstructured(sparsities[index], config.pattern.scope))
+                elif sparsities:
+                    pruner.patterns = {lin.name: Unstructured(sparsities[lin.name], config.pattern.scope)
+                                       for lin in lmap.linears}
                 if index in done:
                     outcome = _restore(lmap, checkpoints.load(index), config)
                 else:
@@ -406,16 +414,21 @@ def _split_heldout(windows: torch.Tensor, config: PruneConfig) -> tuple[torch.Te
 
 
 def _allocate(model: nn.Module, adapter: Any, chosen: list[int], calibration: torch.Tensor, config: PruneConfig,
-              storage: torch.dtype, dtype: torch.dtype, device: torch.device, pruner: _LayerPruner) -> dict[int, float]:
-    """Each chosen layer's sparsity under ``config.allocation`` (``lm/allocation.py``); empty for uniform."""
+              storage: torch.dtype, dtype: torch.dtype, device: torch.device, pruner: _LayerPruner) -> dict[int | str, float]:
+    """Each chosen layer's (or linear's, by ``config.allocation_unit``) sparsity under ``config.allocation``
+    (``lm/allocation.py``); empty for uniform."""
     if config.allocation == "uniform":
         return {}
+    experts = [i for i in chosen if adapter.layer_map(model, i).experts is not None]
+    if config.allocation_unit == "linear" and experts:
+        raise ValueError(f"allocation_unit 'linear' gives each linear its own sparsity, but layer {experts[0]} has "
+                         "MoE experts, which it does not cover; use allocation_unit 'layer'")
     target = config.pattern.fraction
     with pruner.forward_pass():
         weights = output_fisher(model, adapter, chosen, calibration, config.batch_size) if config.allocation == "fisher" else None
         inputs = capture_first_inputs(model, adapter.layers(model)[0], calibration, config.batch_size, storage, device)
         stats = layer_statistics(model, adapter, chosen, inputs, dtype, device, sparsity_grid(target, config.allocation_range),
-                                 config.solver_options.get("damp", 0.01), weights)
+                                 config.solver_options.get("damp", 0.01), weights, config.allocation_unit)
     return allocate(config.allocation, target, stats, config.allocation_range)
 
 

@@ -35,11 +35,14 @@ import json
 import math
 from pathlib import Path
 
-from sparsesolve.core.config import DEFAULT_CHUNK, UPDATE_BLOCK, UPDATE_BLOCK_DEVICE
+from sparsesolve.core.config import DEFAULT_CHUNK, UPDATE_BLOCK, UPDATE_BLOCK_DEVICE, SparseLLMConfig
 
 __all__ = ["pruning_memory", "pruning_memory_of"]
 
 _COMPUTE = 4
+#: a storage dtype's name by its bytes per value (2: the language-model default half type), and back
+_NAMES = {2: "bfloat16", 4: "float32", 8: "float64"}
+_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8}
 
 
 def pruning_memory(*, tokens: int, d_model: int, d_ff: int, layer_params: int, model_params: int, ranks: int = 1,
@@ -51,7 +54,7 @@ def pruning_memory(*, tokens: int, d_model: int, d_ff: int, layer_params: int, m
     device type the layer is pruned on (it sets sparsellm's update chunks); ``aux_bytes``: bytes per
     stored auxiliary (None: the language-model default, module docstring)."""
     n, d, f, s, c = math.ceil(tokens / ranks), d_model, d_ff, storage_bytes, _COMPUTE
-    a = aux_bytes or (2 if s == 4 else s)
+    a = aux_bytes or _BYTES[SparseLLMConfig.for_language_models().aux_storage(_NAMES[s])]
     g = 2 if gated else 1
     chunk = min(n, chunk_size or n)
     block = UPDATE_BLOCK if device == "cpu" else UPDATE_BLOCK_DEVICE
