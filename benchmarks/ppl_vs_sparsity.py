@@ -159,6 +159,7 @@ def one(model_name: str, profile_name: str, scope: str, method: str, pattern: st
         "true_sequential": true_sequential, "solver": solver if method == "sparsellm" else method,
         "heldout_fraction": (options or {}).get("heldout_fraction", 0.0), "code_corpus": code_source(),
         "perplexity": ppl, "nonfinite": nonfinite, "sparsity": result.sparsity, "layer_sparsity": layer_sparsity,
+        **({"linear_sparsity": {str(k): v for k, v in result.allocation.items()}} if allocation_unit == "linear" else {}),
         "escalations": result.escalations,
         "seconds": {"prune": prune_seconds, "forward": result.forward_seconds, "solve": result.solve_seconds},
         "peak_memory_mb": {"prune": peak_prune, "total": peak_memory_mb()},

@@ -192,7 +192,7 @@ def allocation_table(profile: str = "p1", scope: str = "full", folder: Path = PP
     the change against uniform and the layers' sparsity range."""
     from sparsesolve.core.config import ALLOCATIONS
 
-    kinds = tuple(f"{a}{unit}" for a in ALLOCATIONS if a != "uniform" for unit in ("-linear", ""))
+    kinds = tuple(f"{a}{unit}" for a in ALLOCATIONS if a != "uniform" for unit in ("", "-linear"))
     ranged = sorted({match.group(1) for path in folder.glob(f"{profile}_{scope}_*_range*.json")
                      if (match := re.search(rf"_((?:{'|'.join(kinds)})_range[0-9.]+)\.json$", path.name))})
     rows, shared = _against_base(profile, scope, folder, kinds + tuple(ranged))

@@ -93,7 +93,7 @@ def _prune(run: RunConfig, *, progress: bool, command: str | None, say: Callable
     started = time.perf_counter()
     model, tokenizer = load_model(run.model)
     check_seq_len(model, run.calibration.seq_len)
-    layers = check_prunable(model, run.prune.pattern, run.prune.layers)
+    layers = check_prunable(model, run.prune.pattern, run.prune.layers, run.prune.allocation_unit)
     calib, ranks = run.calibration, distributed.world_size() if distributed.sharded() else 1
     if calib.windows < ranks:
         raise ValueError(f"{calib.windows} calibration windows cannot be shared by {ranks} ranks; "

@@ -192,3 +192,5 @@ def test_a_per_linear_allocation_refuses_moe_experts() -> None:
                       progress=False)
     with pytest.raises(ValueError, match="allocation_unit: must be one of layer, linear"):
         PruneConfig("0.6", allocation="owl", allocation_unit="expert")
+    with pytest.raises(ValueError, match="allocation_unit: 'linear' splits an allocation's zeros"):
+        PruneConfig("0.6", allocation_unit="linear")

@@ -200,3 +200,34 @@ def test_a_flag_that_may_be_none_takes_none(given: list[str], expected: float | 
     assert _prune_config(args).coordinator(True).ridge == expected
     with pytest.raises(SystemExit):
         build_parser().parse_args(["prune", "--model", "m", "--out", "o", "--sparsity", "0.7", "--ridge", "big"])
+
+
+def test_a_per_linear_allocation_of_an_moe_model_is_refused_with_nothing_left_behind(tmp_path: Path, capsys) -> None:
+    from tiny_lm import VOCAB, tiny_tokenizer
+
+    from benchmarks.architecture_census import tiny_config
+    from sparsesolve.lm.data import load_text
+
+    config = tiny_config("mixtral")
+    config.vocab_size = VOCAB
+    folder = tmp_path / "moe"
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tiny_tokenizer(load_text("wiki", "train")[:20_000]).save_pretrained(folder)
+    args = prune_args(folder, tmp_path / "out", "--sparsity", "0.5", "--allocation", "owl", "--allocation-unit", "linear")
+    capsys.readouterr()                                         # the save's progress bars
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "allocation_unit 'linear'" in err and "layer 0 has MoE experts" in err and "\n" not in err
+    assert [p.name for p in tmp_path.iterdir()] == ["moe"]      # no output folder, not even a partial one
+
+
+def test_a_per_linear_allocation_is_reported_by_linear(tiny_folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "pruned"
+    args = prune_args(tiny_folder, out, "--method", "sparsegpt", "--sparsity", "0.6", "--allocation", "owl",
+                      "--allocation-unit", "linear", "--allocation-range", "0.1", "--layers", "0:2", "--eval-windows", "2")
+    assert main(args) == 0
+    report = json.loads((out / "report.json").read_text())
+    allocation, masks = report["allocation"], load_file(str(out / "masks.safetensors"))
+    assert allocation["unit"] == "linear" and set(allocation["linear_sparsity"]) == set(masks)
+    for name, mask in masks.items():
+        assert abs(float((mask == 0).sum()) / mask.numel() - allocation["linear_sparsity"][name]) <= 0.5 / mask.shape[1] + 1e-9

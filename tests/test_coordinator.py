@@ -336,5 +336,3 @@ def test_per_linear_patterns_prune_each_linear_to_its_own_and_one_for_all_change
         own[name].check_mask(result.solutions[name].mask)
     if method == "sparsellm":
         assert damps == pytest.approx([0.11, 0.01, 0.11]) and result.error <= result.start_error
-    else:
-        assert damps == []

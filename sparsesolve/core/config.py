@@ -303,6 +303,9 @@ class PruneConfig:
                                 f"pattern {self.pattern} fixes every layer's (use a fraction such as 0.7)")
         if self.allocation_unit not in ALLOCATION_UNITS:
             _fail("allocation_unit", f"must be one of {', '.join(ALLOCATION_UNITS)}, got {self.allocation_unit!r}")
+        if self.allocation_unit != "layer" and self.allocation == "uniform":
+            _fail("allocation_unit", f"{self.allocation_unit!r} splits an allocation's zeros; uniform gives every linear "
+                                     "the target already (choose --allocation owl, obs or fisher)")
         if not 0 < self.allocation_range <= 0.5:
             _fail("allocation_range", f"must be in (0, 0.5], got {self.allocation_range!r}")
 

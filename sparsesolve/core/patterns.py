@@ -201,5 +201,6 @@ def pattern_for(patterns: Patterns, name: str) -> Pattern:
     if isinstance(patterns, Pattern):
         return patterns
     if name not in patterns:
-        raise KeyError(f"no pattern for linear {name!r}; the per-linear patterns cover {', '.join(sorted(patterns))}")
+        raise ValueError(f"no pattern for linear {name!r} among the {len(patterns)} per-linear patterns; give one "
+                         "for every linear pruned")
     return patterns[name]

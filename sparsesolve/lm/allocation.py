@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 from sparsesolve.core import distributed
-from sparsesolve.core.config import ALLOCATIONS
+from sparsesolve.core.config import ALLOCATION_UNITS, ALLOCATIONS
 from sparsesolve.core.linalg import damped_cholesky, without_dead_inputs
 from sparsesolve.lm.adapters import Adapter
 from sparsesolve.lm.layer_inputs import LayerInputs, run_layer
@@ -65,8 +65,9 @@ MAX_SPARSITY = 0.99
 
 @dataclass
 class LayerStatistics:
-    """One decoder layer's dense statistics: ``params`` (its prunable parameters), ``outlier_ratio``
-    (OWL's ``D_l``) and ``errors`` (``E_l`` at ``grid``: the ``"obs"`` or ``"fisher"`` curve)."""
+    """One unit's dense statistics (a decoder layer's, or one linear's): ``params`` (its prunable
+    parameters), ``outlier_ratio`` (OWL's ``D_l``) and ``errors`` (``E_l`` at ``grid``: the ``"obs"`` or
+    ``"fisher"`` curve)."""
 
     params: int
     outlier_ratio: float
@@ -83,6 +84,8 @@ def layer_statistics(model: nn.Module, adapter: Adapter, layers: Sequence[int], 
     layer (by index) or, with ``unit="linear"``, of each of their linears (by name); with
     ``row_weights`` (per linear name, one weight per output row: ``"fisher"``) the error curves weigh each
     row's squared output error by them, else by ``1 / ||W X||^2`` (``"obs"``)."""
+    if unit not in ALLOCATION_UNITS:
+        raise ValueError(f"unit must be one of {', '.join(ALLOCATION_UNITS)}, got {unit!r}")
     decoder = adapter.layers(model)
     stats: dict[int | str, LayerStatistics] = {}
     for index in range(max(layers) + 1):

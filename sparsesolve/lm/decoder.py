@@ -118,13 +118,19 @@ def select_layers(spec: str | Sequence[int] | range | None, count: int) -> list[
     return sorted(set(indices))
 
 
-def check_prunable(model: nn.Module, pattern: Pattern, layers: str | Sequence[int] | None = None) -> list[int]:
-    """The selected layer indices, after checking the model family is supported and ``pattern`` fits
-    every linear of them (one-line errors naming the offending module)."""
+def check_prunable(model: nn.Module, pattern: Pattern, layers: str | Sequence[int] | None = None,
+                   allocation_unit: str = "layer") -> list[int]:
+    """The selected layer indices, after checking the model family is supported, ``pattern`` fits
+    every linear of them and, for ``allocation_unit="linear"``, none has MoE experts (one-line errors
+    naming the offending module or layer)."""
     adapter = get_adapter(model)
     chosen = select_layers(layers, len(adapter.layers(model)))
     for index in chosen:
-        for lin in adapter.layer_map(model, index).linears:
+        lmap = adapter.layer_map(model, index)
+        if allocation_unit == "linear" and lmap.experts is not None:
+            raise ValueError(f"allocation_unit 'linear' gives each linear its own sparsity, but layer {index} has "
+                             "MoE experts, which it does not cover; use allocation_unit 'layer'")
+        for lin in lmap.linears:
             try:
                 pattern.validate(tuple(lin.weight.shape))
             except ValueError as error:
@@ -323,7 +329,7 @@ def _prune_layers(model: nn.Module, calibration: torch.Tensor, config: PruneConf
         raise ValueError(f"calibration must be a non-empty n_windows x seq_len tensor of token ids, got "
                          f"{tuple(calibration.shape)} {calibration.dtype}")
     check_seq_len(model, calibration.shape[1])
-    chosen = check_prunable(model, config.pattern, config.layers)
+    chosen = check_prunable(model, config.pattern, config.layers, config.allocation_unit)
     model_dtype = next(model.parameters()).dtype
     storage = getattr(torch, config.storage_dtype) if config.storage_dtype else model_dtype
     settings = {"model": getattr(model.config, "_name_or_path", ""), "model_type": model.config.model_type,
@@ -419,10 +425,6 @@ def _allocate(model: nn.Module, adapter: Any, chosen: list[int], calibration: to
     (``lm/allocation.py``); empty for uniform."""
     if config.allocation == "uniform":
         return {}
-    experts = [i for i in chosen if adapter.layer_map(model, i).experts is not None]
-    if config.allocation_unit == "linear" and experts:
-        raise ValueError(f"allocation_unit 'linear' gives each linear its own sparsity, but layer {experts[0]} has "
-                         "MoE experts, which it does not cover; use allocation_unit 'layer'")
     target = config.pattern.fraction
     with pruner.forward_pass():
         weights = output_fisher(model, adapter, chosen, calibration, config.batch_size) if config.allocation == "fisher" else None

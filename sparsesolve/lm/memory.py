@@ -54,7 +54,7 @@ def pruning_memory(*, tokens: int, d_model: int, d_ff: int, layer_params: int, m
     device type the layer is pruned on (it sets sparsellm's update chunks); ``aux_bytes``: bytes per
     stored auxiliary (None: the language-model default, module docstring)."""
     n, d, f, s, c = math.ceil(tokens / ranks), d_model, d_ff, storage_bytes, _COMPUTE
-    a = aux_bytes or _BYTES[SparseLLMConfig.for_language_models().aux_storage(_NAMES[s])]
+    a = aux_bytes or _BYTES.get(SparseLLMConfig.for_language_models().aux_storage(_NAMES.get(s, "")), s)
     g = 2 if gated else 1
     chunk = min(n, chunk_size or n)
     block = UPDATE_BLOCK if device == "cpu" else UPDATE_BLOCK_DEVICE
