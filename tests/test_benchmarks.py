@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from tiny_lm import save_tiny, tiny_tokenizer
+from tiny_lm import VOCAB, save_tiny, tiny_model, tiny_tokenizer
 
 from benchmarks import bench_solvers, plot_ppl, ppl_vs_sparsity, profile_sparsellm, study_tables
 from sparsesolve.lm.corpora import load_text
@@ -242,3 +242,20 @@ def test_a_per_linear_allocation_run_has_its_own_file_and_table_row(tmp_path) ->
     assert "| sparsegpt | 0.6 | fisher | 0.500-0.700 | 90.0 | -10% |" in table
     assert "| sparsegpt | 0.6 | fisher-linear | 0.550-0.650 | 70.0 | -30% |" in table
     assert "| sparsegpt | 0.6 | fisher-linear_range0.2 | 0.450-0.750 | 60.0 | -40% |" in table
+
+
+def test_allocation_estimate_per_linear_is_never_worse_than_per_layer(tmp_path) -> None:
+    """The layer unit is the linear unit held to one sparsity per layer: on the same Fisher curves the
+    linear unit's estimate can only be lower (to the grid's rounding), and both at most uniform's."""
+    from benchmarks import allocation_estimate
+
+    windows = torch.randint(0, VOCAB, (8, 32), generator=torch.Generator().manual_seed(0))
+    result = allocation_estimate.estimate(tiny_model("llama", layers=3), windows, [0.6], [0.1, 0.2], batch_size=4)
+    rows = {(r["unit"], r["range"]): r for r in result["rows"]}
+    for spread in (0.1, 0.2):
+        layer, linear = rows[("layer", spread)], rows[("linear", spread)]
+        assert linear["predicted_loss_increase"] <= layer["predicted_loss_increase"] * 1.01
+        assert layer["predicted_loss_increase"] <= layer["uniform_loss_increase"] * 1.01
+        assert 0.6 - spread - 1e-9 <= linear["min"] < linear["max"] <= 0.6 + spread + 1e-9
+    assert set(result["by_type"]["0.6_range0.1"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert "| 0.6 | 0.1 |" in allocation_estimate.table(result)
