@@ -8,8 +8,9 @@ once, from one backward pass and one dense pass (no pruning). A layer's curve is
 linears' curves (``tests/test_allocation.py`` checks that identity). So each row below is the
 ``"fisher"`` allocation of one unit and range, scored on the same curves:
 
-- ``predicted_loss_increase``: the sum of the units' ``dL_u`` at their allocated sparsities (summed
-  next-token loss over the calibration tokens, in nats);
+- ``predicted_loss_increase``: the sum of the units' ``dL_u`` at their allocated sparsities, in the
+  curves' units (``sum_i f_i cost_i``, twice the second-order loss increase summed over the calibration
+  tokens; a crude absolute estimate at these sparsities, so only the ratios between rows are read);
 - ``change_vs_uniform``: its change against every unit at the target;
 - ``min``, ``max``: the allocated sparsities' range.
 

@@ -12,6 +12,7 @@ import json
 import re
 from pathlib import Path
 
+from benchmarks import allocation_estimate
 from benchmarks.architecture_census import table as census_table
 from benchmarks.bench_ast import table as ast_table
 from benchmarks.bench_compressed_tensors import table as compressed_tensors_table
@@ -122,13 +123,22 @@ def lm_table() -> str:
     return "\n".join(lines) + "\n" + sources
 
 
+def allocation_estimate_table() -> str:
+    """The Fisher estimate per unit and range (``results/allocation_estimate.json``) with its source."""
+    path = RESULTS / "allocation_estimate.json"
+    if not path.exists():
+        raise FileNotFoundError(path)
+    data = json.loads(path.read_text())
+    return allocation_estimate.table(data) + _source(data["meta"])
+
+
 TABLES = {"optimality-gap": optimality_gap_table, "solvers": solver_table, "mlp": mlp_table, "lm": lm_table,
           "ppl-full": lambda: ppl_table("p1", "full"), "ppl-first-half": lambda: ppl_table("p1", "first-half"),
           "goals-full": goals_table, "export-sizes": export_table,
           "quantized": quantized_table, "ast": ast_table, "coordinator-scale": scale_table,
           "census": census_table, "distributed": distributed_table,
           "compressed-tensors": compressed_tensors_table, "allocation": allocation_table, "selection": selection_table,
-          "goals-small": lambda: goals_table("small", "full")}
+          "goals-small": lambda: goals_table("small", "full"), "allocation-estimate": allocation_estimate_table}
 STUDY_TABLES = {"study-variants": variant_table, "study-goals": goals_table, "study-layers": layer_table,
                 "study-heldout": heldout_table}
 
