@@ -67,10 +67,10 @@ PROFILES = {
 
 def run_name(profile: str, scope: str, method: str, pattern: str, tag: str = "", allocation: str = "uniform",
              mask_scope: str = "row", true_sequential: bool = True, solver: str = "sparsegpt", calib: str = "",
-             allocation_range: float | None = None, allocation_unit: str = "layer") -> str:
+             allocation_range: float | None = None, allocation_unit: str = "layer", allocation_ffn_scale: float = 1.0) -> str:
     """File stem of one run, e.g. ``p1_full_sparsegpt_2-4``; ``_ALLOCATION`` appended unless uniform
     (``_ALLOCATION-linear`` with a sparsity per linear, ``_ALLOCATION_rangeR`` when ``allocation_range``
-    is given and not the default),
+    is given and not the default, then ``_ffnF`` when the FFN curves are scaled by ``F``),
     ``_layermask`` when the sparsity is counted per layer, ``_densepass`` when a layer's linears are all
     fitted on its dense pass, ``_SOLVER`` when sparsellm's inner solver is not sparsegpt,
     ``_calib-A+B`` when the calibration corpora are not the profile's, then ``_TAG`` for a study run
@@ -80,6 +80,7 @@ def run_name(profile: str, scope: str, method: str, pattern: str, tag: str = "",
     spread = "" if allocation_range in (None, DEFAULT_RANGE) or allocation == "uniform" else f"range{allocation_range:g}"
     label = allocation + ("-linear" if allocation_unit == "linear" else "")
     variants = [label if allocation != "uniform" else "", spread, "layermask" if mask_scope == "layer" else "",
+                f"ffn{allocation_ffn_scale:g}" if allocation_ffn_scale != 1 else "",
                 "" if true_sequential else "densepass", solver if method == "sparsellm" and solver != "sparsegpt" else "",
                 f"calib-{calib.replace(',', '+')}" if calib else "", tag]
     return "_".join([stem, *(v for v in variants if v)])
@@ -117,10 +118,11 @@ def dense(model_name: str, profile_name: str, out: Path) -> dict[str, Any]:
 def one(model_name: str, profile_name: str, scope: str, method: str, pattern: str, out: Path,
         overrides: dict[str, Any], tag: str, allocation: str = "uniform", mask_scope: str = "row",
         true_sequential: bool = True, solver: str = "sparsegpt", calib: str = "",
-        allocation_range: float | None = None, allocation_unit: str = "layer") -> None:
+        allocation_range: float | None = None, allocation_unit: str = "layer", allocation_ffn_scale: float = 1.0) -> None:
     """Prune, evaluate and record one run (executed in its own process); ``calib`` replaces the profile's
     calibration corpora (comma-separated) when given; ``allocation_range`` the allocation's range (None:
-    the default); ``allocation_unit``: a sparsity per layer or per linear."""
+    the default); ``allocation_unit``: a sparsity per layer or per linear; ``allocation_ffn_scale``: the
+    factor on the fisher allocation's FFN curves."""
     from sparsesolve.config import CalibrationConfig, EvaluationConfig, RunConfig
     from sparsesolve.core.config import SparseLLMConfig
     from sparsesolve.lm.corpora import code_source
@@ -133,7 +135,7 @@ def one(model_name: str, profile_name: str, scope: str, method: str, pattern: st
     config = PruneConfig(pattern, method=method, sparsellm=coordinator, layers="first-half" if scope == "first-half" else None,
                          allocation=allocation, mask_scope=mask_scope, true_sequential=true_sequential, solver=solver,
                          allocation_range=DEFAULT_RANGE if allocation_range is None else allocation_range,
-                         allocation_unit=allocation_unit)
+                         allocation_unit=allocation_unit, allocation_ffn_scale=allocation_ffn_scale)
     run = RunConfig(model_name, config, CalibrationConfig(profile.calib, profile.nsamples, profile.seq_len, seed=0),
                     EvaluationConfig(corpora=(), seq_len=profile.seq_len))  # evaluated below, non-finite recorded
     done = run_prune(run, progress=False)
@@ -151,11 +153,12 @@ def one(model_name: str, profile_name: str, scope: str, method: str, pattern: st
         masks = [result.masks[name] for name in record.linears]
         layer_sparsity[str(record.layer)] = sum(int((~m).sum()) for m in masks) / sum(m.numel() for m in masks)
     write_json(run_name(profile_name, scope, method, pattern, tag, allocation, mask_scope, true_sequential, solver, calib,
-                        allocation_range, allocation_unit), {
+                        allocation_range, allocation_unit, allocation_ffn_scale), {
         "meta": meta, "model": model_name, "profile": profile_name, "scope": scope, "method": method,
         "pattern": pattern, "calibration": vars(profile) | {"seed": 0},
         "sparsellm_options": options, "tag": tag, "allocation": allocation,
-        "allocation_range": config.allocation_range, "allocation_unit": allocation_unit, "mask_scope": mask_scope,
+        "allocation_range": config.allocation_range, "allocation_unit": allocation_unit,
+        "allocation_ffn_scale": allocation_ffn_scale, "mask_scope": mask_scope,
         "true_sequential": true_sequential, "solver": solver if method == "sparsellm" else method,
         "heldout_fraction": (options or {}).get("heldout_fraction", 0.0), "code_corpus": code_source(),
         "perplexity": ppl, "nonfinite": nonfinite, "sparsity": result.sparsity, "layer_sparsity": layer_sparsity,
@@ -186,6 +189,8 @@ def main() -> None:
                         help=f"how far the layers' sparsities move (default {DEFAULT_RANGE}; suffix _rangeR otherwise)")
     parser.add_argument("--allocation-unit", default="layer", choices=ALLOCATION_UNITS,
                         help="a sparsity per decoder layer or per linear (suffix -linear on the allocation)")
+    parser.add_argument("--allocation-ffn-scale", type=float, default=1.0,
+                        help="factor on the fisher allocation's FFN curves (suffix _ffnF unless 1)")
     parser.add_argument("--mask-scope", default="row", choices=MASK_SCOPES,
                         help="count an unstructured sparsity per row or per layer (file stem suffix _layermask)")
     parser.add_argument("--dense-pass", action="store_true",
@@ -204,11 +209,12 @@ def main() -> None:
         parser.error("--sparsellm-options changes the method: give the runs a --tag so they stay out of the main table")
     if args.one:
         one(args.model, args.profile, args.scope, methods[0], patterns[0], args.out, overrides, args.tag, args.allocation,
-            args.mask_scope, not args.dense_pass, args.solver, args.calib, args.allocation_range, args.allocation_unit)
+            args.mask_scope, not args.dense_pass, args.solver, args.calib, args.allocation_range, args.allocation_unit,
+            args.allocation_ffn_scale)
         return
     dense(args.model, args.profile, args.out)
     names = {(m, p): run_name(args.profile, args.scope, m, p, args.tag, args.allocation, args.mask_scope, not args.dense_pass,
-                              args.solver, args.calib, args.allocation_range, args.allocation_unit)
+                              args.solver, args.calib, args.allocation_range, args.allocation_unit, args.allocation_ffn_scale)
              for m in methods for p in patterns}
     todo = [key for key, name in names.items() if not (args.out / f"{name}.json").exists()]
     print(f"{len(methods) * len(patterns) - len(todo)} runs done, {len(todo)} to go", flush=True)
@@ -227,6 +233,7 @@ def _run(args: argparse.Namespace, method: str, pattern: str) -> str:
                "--sparsellm-options", args.sparsellm_options, "--tag", args.tag, "--allocation", args.allocation,
                "--mask-scope", args.mask_scope, *(["--dense-pass"] if args.dense_pass else []), "--solver", args.solver,
                "--calib", args.calib, "--allocation-unit", args.allocation_unit,
+               "--allocation-ffn-scale", str(args.allocation_ffn_scale),
                *([] if args.allocation_range is None else ["--allocation-range", str(args.allocation_range)])]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode == 0:

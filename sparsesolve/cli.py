@@ -36,7 +36,7 @@ class _Parser(argparse.ArgumentParser):
 
 #: the PruneConfig fields that are flags of their own (the pattern, solver options and quantiser are built below)
 PRUNE_FLAGS = ("method", "solver", "layers", "storage_dtype", "device", "batch_size", "chunk_size", "allocation",
-               "allocation_range", "allocation_unit", "mask_scope", "true_sequential")
+               "allocation_range", "allocation_unit", "allocation_ffn_scale", "mask_scope", "true_sequential")
 
 
 def _common(parser: argparse.ArgumentParser) -> None:

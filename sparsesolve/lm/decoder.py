@@ -428,6 +428,9 @@ def _allocate(model: nn.Module, adapter: Any, chosen: list[int], calibration: to
     target = config.pattern.fraction
     with pruner.forward_pass():
         weights = output_fisher(model, adapter, chosen, calibration, config.batch_size) if config.allocation == "fisher" else None
+        if weights is not None and config.allocation_ffn_scale != 1:
+            ffn = {lin.name for i in chosen for lin in getattr(adapter.layer_map(model, i).ffn, "linears", [])}
+            weights = {name: f * config.allocation_ffn_scale if name in ffn else f for name, f in weights.items()}
         inputs = capture_first_inputs(model, adapter.layers(model)[0], calibration, config.batch_size, storage, device)
         stats = layer_statistics(model, adapter, chosen, inputs, dtype, device, sparsity_grid(target, config.allocation_range),
                                  config.solver_options.get("damp", 0.01), weights, config.allocation_unit)
