@@ -194,3 +194,26 @@ def test_a_per_linear_allocation_refuses_moe_experts() -> None:
         PruneConfig("0.6", allocation="owl", allocation_unit="expert")
     with pytest.raises(ValueError, match="allocation_unit: 'linear' splits an allocation's zeros"):
         PruneConfig("0.6", allocation_unit="linear")
+
+
+def test_the_ffn_scale_moves_zeros_into_the_ffn_and_keeps_the_average() -> None:
+    windows = torch.randint(0, VOCAB, (8, 32), generator=torch.Generator().manual_seed(2))
+    adapter = get_adapter(tiny_model("llama", layers=2))
+    ffn_share = {}
+    for scale in (1.0, 0.25):
+        model = tiny_model("llama", layers=2)
+        maps = [adapter.layer_map(model, i) for i in range(2)]
+        result = prune_decoder(model, windows, PruneConfig("0.6", method="sparsegpt", allocation="fisher", allocation_range=0.1,
+                                                           allocation_unit="linear", allocation_ffn_scale=scale), progress=False)
+        params = {lin.name: lin.weight.numel() for m in maps for lin in m.linears}
+        ffn = [lin.name for m in maps for lin in m.ffn.linears]
+        assert sum(result.allocation[n] * p for n, p in params.items()) / sum(params.values()) == pytest.approx(0.6, abs=1e-12)
+        ffn_share[scale] = sum(result.allocation[n] * params[n] for n in ffn) / sum(params[n] for n in ffn)
+    assert ffn_share[0.25] > ffn_share[1.0] + 0.005      # 0.599 against 0.588 here; without the scale equal
+
+
+def test_the_ffn_scale_needs_the_fisher_allocation() -> None:
+    with pytest.raises(ValueError, match="allocation_ffn_scale: scales the fisher allocation's FFN curves; allocation 'owl'"):
+        PruneConfig("0.6", allocation="owl", allocation_ffn_scale=0.5)
+    with pytest.raises(ValueError, match="allocation_ffn_scale: must be > 0"):
+        PruneConfig("0.6", allocation="fisher", allocation_ffn_scale=0.0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import replace
 
 import pytest
@@ -203,6 +204,16 @@ def test_resume_from_checkpoints_gives_the_same_weights(tmp_path) -> None:
         assert torch.equal(p, q), name
     with pytest.raises(ValueError, match="different settings"):
         prune_decoder(tiny_model("llama", layers=3), windows, PruneConfig("0.7", method="sparsellm"),
+                      checkpoint_dir=tmp_path, resume=True, progress=False)
+    manifest = tmp_path / "run.json"          # written before allocation_unit and allocation_ffn_scale existed
+    old = {k: v for k, v in json.loads(manifest.read_text()).items() if k not in ("allocation_unit", "allocation_ffn_scale")}
+    manifest.write_text(json.dumps(old))
+    again = prune_decoder(tiny_model("llama", layers=3), windows, PruneConfig("0.6", method="sparsellm"),
+                          checkpoint_dir=tmp_path, resume=True, progress=False)
+    assert again.resumed_layers == [0, 1, 2]
+    manifest.write_text(json.dumps({**old, "allocation_range": 0.2}))
+    with pytest.raises(ValueError, match=r"different settings \(allocation_range\)"):
+        prune_decoder(tiny_model("llama", layers=3), windows, PruneConfig("0.6", method="sparsellm"),
                       checkpoint_dir=tmp_path, resume=True, progress=False)
 
 

@@ -3,7 +3,8 @@
 After decoder layer ``l`` is pruned, ``layer_{l:04d}.pt`` holds its pruned weights, masks and its
 report record. The file is written to a temporary name and renamed, so a kill leaves either a whole
 checkpoint or none. ``run.json`` holds the run's settings; resuming with different settings is
-refused, because the result would match neither run.
+refused, because the result would match neither run. A setting added to the package after a manifest
+was written is read there as its default (``defaults``), which is what the older code did.
 """
 
 from __future__ import annotations
@@ -21,11 +22,13 @@ __all__ = ["LayerCheckpoints"]
 
 
 class LayerCheckpoints:
-    """A folder of per-layer checkpoints for one run, identified by its ``settings``."""
+    """A folder of per-layer checkpoints for one run, identified by its ``settings``; ``defaults`` holds
+    what a setting missing from an older manifest stood for."""
 
-    def __init__(self, folder: Path | str, settings: dict[str, Any]) -> None:
+    def __init__(self, folder: Path | str, settings: dict[str, Any], defaults: dict[str, Any] | None = None) -> None:
         self.folder = Path(folder)
         self.settings = json.loads(json.dumps(settings))
+        self.defaults = json.loads(json.dumps(defaults or {}))
 
     def open(self, resume: bool) -> list[int]:
         """Create the folder (fresh run) or check it belongs to the same run (resume); returns the layers
@@ -33,6 +36,7 @@ class LayerCheckpoints:
         manifest = self.folder / "run.json"
         if resume and manifest.exists():
             saved = json.loads(manifest.read_text())
+            saved = {**{k: v for k, v in self.defaults.items() if k not in saved}, **saved}
             if saved != self.settings:
                 changed = sorted(k for k in set(saved) | set(self.settings) if saved.get(k) != self.settings.get(k))
                 raise ValueError(f"cannot resume: the checkpoints in {self.folder} were made with different settings "

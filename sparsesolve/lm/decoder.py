@@ -347,7 +347,7 @@ def _prune_layers(model: nn.Module, calibration: torch.Tensor, config: PruneConf
     checkpoints = None
     done: set[int] = set()
     if checkpoint_dir is not None:
-        checkpoints = LayerCheckpoints(checkpoint_dir, settings)
+        checkpoints = LayerCheckpoints(checkpoint_dir, settings, defaults=PruneConfig(config.pattern).to_dict())
         done = set(distributed.on_main(lambda: checkpoints.open(resume)))
     pruner = _LayerPruner(config, storage, model_dtype)
     with torch.no_grad():
