@@ -188,14 +188,15 @@ def _perplexity_cells(run: dict, base: dict, corpora: list[str]) -> tuple[str, s
 
 def allocation_table(profile: str = "p1", scope: str = "full", folder: Path = PPL) -> str:
     """Per method and unstructured pattern with an allocation run: perplexity per corpus under each
-    allocation (``_rangeR`` runs: another ``allocation_range``; ``-linear`` runs: a sparsity per linear),
-    the change against uniform and the layers' sparsity range."""
+    allocation (``_rangeR`` runs: another ``allocation_range``; ``-linear`` runs: a sparsity per linear;
+    ``_ffnF`` runs: the FFN curves scaled by ``F``), the change against uniform and the layers' sparsity range."""
     from sparsesolve.core.config import ALLOCATIONS
 
     kinds = tuple(f"{a}{unit}" for a in ALLOCATIONS if a != "uniform" for unit in ("", "-linear"))
-    ranged = sorted({match.group(1) for path in folder.glob(f"{profile}_{scope}_*_range*.json")
-                     if (match := re.search(rf"_((?:{'|'.join(kinds)})_range[0-9.]+)\.json$", path.name))})
-    rows, shared = _against_base(profile, scope, folder, kinds + tuple(ranged))
+    variant = rf"_((?:{'|'.join(kinds)})(?:_range[0-9.]+)?(?:_ffn[0-9.]+)?)\.json$"
+    varied = sorted({match.group(1) for path in folder.glob(f"{profile}_{scope}_*.json")
+                     if (match := re.search(variant, path.name)) and match.group(1) not in kinds})
+    rows, shared = _against_base(profile, scope, folder, kinds + tuple(varied))
     if not rows:
         raise FileNotFoundError(f"no {profile} {scope} runs with an allocation")
     out = [f"| method | pattern | allocation | layer sparsity min-max | perplexity ({' / '.join(shared)}) | change vs uniform |",

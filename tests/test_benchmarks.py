@@ -242,6 +242,13 @@ def test_a_per_linear_allocation_run_has_its_own_file_and_table_row(tmp_path) ->
     assert "| sparsegpt | 0.6 | fisher | 0.500-0.700 | 90.0 | -10% |" in table
     assert "| sparsegpt | 0.6 | fisher-linear | 0.550-0.650 | 70.0 | -30% |" in table
     assert "| sparsegpt | 0.6 | fisher-linear_range0.2 | 0.450-0.750 | 60.0 | -40% |" in table
+    scaled = ppl_vs_sparsity.run_name("smoke", "full", "sparsegpt", "0.6", allocation="fisher", allocation_range=0.2,
+                                      allocation_unit="linear", allocation_ffn_scale=0.5)
+    assert scaled == "smoke_full_sparsegpt_0.6_fisher-linear_range0.2_ffn0.5"
+    (tmp_path / f"{scaled}.json").write_text(json.dumps(
+        {"pattern": "0.6", "perplexity": {"wiki": 55.0}, "sparsellm_options": None, "layer_sparsity": {"0": 0.5, "1": 0.7}}))
+    assert "| sparsegpt | 0.6 | fisher-linear_range0.2_ffn0.5 | 0.500-0.700 | 55.0 | -45% |" in \
+        study_tables.allocation_table("smoke", "full", tmp_path)
 
 
 def test_allocation_estimate_per_linear_is_never_worse_than_per_layer(tmp_path) -> None:
