@@ -30,7 +30,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from benchmarks.common import RESULTS, metadata, parse_options, write_json
-from sparsesolve.core.config import PruneConfig
+from sparsesolve.core.config import COORDINATED_FFN_SCALE, PruneConfig, default_ffn_scale
 
 PPL = RESULTS / "ppl"
 METHODS = ("magnitude", "wanda", "sparsegpt", "admm", "sparsellm")
@@ -67,10 +67,11 @@ PROFILES = {
 
 def run_name(profile: str, scope: str, method: str, pattern: str, tag: str = "", allocation: str = "uniform",
              mask_scope: str = "row", true_sequential: bool = True, solver: str = "sparsegpt", calib: str = "",
-             allocation_range: float | None = None, allocation_unit: str = "layer", allocation_ffn_scale: float = 1.0) -> str:
+             allocation_range: float | None = None, allocation_unit: str = "layer", allocation_ffn_scale: float | None = None) -> str:
     """File stem of one run, e.g. ``p1_full_sparsegpt_2-4``; ``_ALLOCATION`` appended unless uniform
     (``_ALLOCATION-linear`` with a sparsity per linear, ``_ALLOCATION_rangeR`` when ``allocation_range``
-    is given and not the default, then ``_ffnF`` when the FFN curves are scaled by ``F``),
+    is given and not the default, then ``_ffnF`` when the FFN curves are scaled by ``F``: given, or by default
+    ``COORDINATED_FFN_SCALE`` for sparsellm under fisher),
     ``_layermask`` when the sparsity is counted per layer, ``_densepass`` when a layer's linears are all
     fitted on its dense pass, ``_SOLVER`` when sparsellm's inner solver is not sparsegpt,
     ``_calib-A+B`` when the calibration corpora are not the profile's, then ``_TAG`` for a study run
@@ -79,8 +80,9 @@ def run_name(profile: str, scope: str, method: str, pattern: str, tag: str = "",
     stem = f"{profile}_{scope}_{method}_{pattern.replace(':', '-').replace('%', '')}"
     spread = "" if allocation_range in (None, DEFAULT_RANGE) or allocation == "uniform" else f"range{allocation_range:g}"
     label = allocation + ("-linear" if allocation_unit == "linear" else "")
+    scale = default_ffn_scale(method, allocation) if allocation_ffn_scale is None else allocation_ffn_scale
     variants = [label if allocation != "uniform" else "", spread, "layermask" if mask_scope == "layer" else "",
-                f"ffn{allocation_ffn_scale:g}" if allocation_ffn_scale != 1 else "",
+                f"ffn{scale:g}" if scale != 1 else "",
                 "" if true_sequential else "densepass", solver if method == "sparsellm" and solver != "sparsegpt" else "",
                 f"calib-{calib.replace(',', '+')}" if calib else "", tag]
     return "_".join([stem, *(v for v in variants if v)])
@@ -118,11 +120,11 @@ def dense(model_name: str, profile_name: str, out: Path) -> dict[str, Any]:
 def one(model_name: str, profile_name: str, scope: str, method: str, pattern: str, out: Path,
         overrides: dict[str, Any], tag: str, allocation: str = "uniform", mask_scope: str = "row",
         true_sequential: bool = True, solver: str = "sparsegpt", calib: str = "",
-        allocation_range: float | None = None, allocation_unit: str = "layer", allocation_ffn_scale: float = 1.0) -> None:
+        allocation_range: float | None = None, allocation_unit: str = "layer", allocation_ffn_scale: float | None = None) -> None:
     """Prune, evaluate and record one run (executed in its own process); ``calib`` replaces the profile's
     calibration corpora (comma-separated) when given; ``allocation_range`` the allocation's range (None:
     the default); ``allocation_unit``: a sparsity per layer or per linear; ``allocation_ffn_scale``: the
-    factor on the fisher allocation's FFN curves."""
+    factor on the fisher allocation's FFN curves (None: the default)."""
     from sparsesolve.config import CalibrationConfig, EvaluationConfig, RunConfig
     from sparsesolve.core.config import SparseLLMConfig
     from sparsesolve.lm.corpora import code_source
@@ -158,7 +160,7 @@ def one(model_name: str, profile_name: str, scope: str, method: str, pattern: st
         "pattern": pattern, "calibration": vars(profile) | {"seed": 0},
         "sparsellm_options": options, "tag": tag, "allocation": allocation,
         "allocation_range": config.allocation_range, "allocation_unit": allocation_unit,
-        "allocation_ffn_scale": allocation_ffn_scale, "mask_scope": mask_scope,
+        "allocation_ffn_scale": config.allocation_ffn_scale, "mask_scope": mask_scope,
         "true_sequential": true_sequential, "solver": solver if method == "sparsellm" else method,
         "heldout_fraction": (options or {}).get("heldout_fraction", 0.0), "code_corpus": code_source(),
         "perplexity": ppl, "nonfinite": nonfinite, "sparsity": result.sparsity, "layer_sparsity": layer_sparsity,
@@ -189,8 +191,9 @@ def main() -> None:
                         help=f"how far the layers' sparsities move (default {DEFAULT_RANGE}; suffix _rangeR otherwise)")
     parser.add_argument("--allocation-unit", default="layer", choices=ALLOCATION_UNITS,
                         help="a sparsity per decoder layer or per linear (suffix -linear on the allocation)")
-    parser.add_argument("--allocation-ffn-scale", type=float, default=1.0,
-                        help="factor on the fisher allocation's FFN curves (suffix _ffnF unless 1)")
+    parser.add_argument("--allocation-ffn-scale", type=float, default=None,
+                        help=f"factor on the fisher allocation's FFN curves (default {COORDINATED_FFN_SCALE} for "
+                             "sparsellm, else 1; suffix _ffnF unless 1)")
     parser.add_argument("--mask-scope", default="row", choices=MASK_SCOPES,
                         help="count an unstructured sparsity per row or per layer (file stem suffix _layermask)")
     parser.add_argument("--dense-pass", action="store_true",
@@ -233,7 +236,7 @@ def _run(args: argparse.Namespace, method: str, pattern: str) -> str:
                "--sparsellm-options", args.sparsellm_options, "--tag", args.tag, "--allocation", args.allocation,
                "--mask-scope", args.mask_scope, *(["--dense-pass"] if args.dense_pass else []), "--solver", args.solver,
                "--calib", args.calib, "--allocation-unit", args.allocation_unit,
-               "--allocation-ffn-scale", str(args.allocation_ffn_scale),
+               *([] if args.allocation_ffn_scale is None else ["--allocation-ffn-scale", str(args.allocation_ffn_scale)]),
                *([] if args.allocation_range is None else ["--allocation-range", str(args.allocation_range)])]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode == 0:

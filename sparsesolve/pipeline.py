@@ -128,6 +128,7 @@ def _prune(run: RunConfig, *, progress: bool, command: str | None, say: Callable
         "perplexity": {"dense": dense, "pruned": pruned},
         "sparsity": result.sparsity, "escalations": result.escalations, "resumed_layers": result.resumed_layers,
         "allocation": {"kind": run.prune.allocation, "unit": run.prune.allocation_unit,
+                       "ffn_scale": run.prune.allocation_ffn_scale,
                        f"{run.prune.allocation_unit}_sparsity": {str(k): v for k, v in result.allocation.items()}},
         "seconds": {"total": time.perf_counter() - started, "prune": result.seconds,
                     "forward": result.forward_seconds, "solve": result.solve_seconds, "evaluation": eval_seconds},

@@ -8,7 +8,7 @@ import pytest
 import torch
 from tiny_lm import VOCAB, tiny_model
 
-from sparsesolve.core.config import PruneConfig
+from sparsesolve.core.config import COORDINATED_FFN_SCALE, PruneConfig
 from sparsesolve.core.solvers import refit
 from sparsesolve.lm.adapters import get_adapter
 from sparsesolve.lm.allocation import GRID_STEP, LayerStatistics, _statistics, allocate, layer_statistics, sparsity_grid
@@ -212,7 +212,10 @@ def test_the_ffn_scale_moves_zeros_into_the_ffn_and_keeps_the_average() -> None:
     assert ffn_share[0.25] > ffn_share[1.0] + 0.005      # 0.599 against 0.588 here; without the scale equal
 
 
-def test_the_ffn_scale_needs_the_fisher_allocation() -> None:
+def test_the_ffn_scale_needs_the_fisher_allocation_and_defaults_to_the_coordinators_share() -> None:
+    assert PruneConfig("0.6", method="sparsellm", allocation="fisher").allocation_ffn_scale == COORDINATED_FFN_SCALE < 1
+    for method, allocation in (("sparsegpt", "fisher"), ("sparsellm", "owl"), ("sparsellm", "uniform")):
+        assert PruneConfig("0.6", method=method, allocation=allocation).allocation_ffn_scale == 1.0
     with pytest.raises(ValueError, match="allocation_ffn_scale: scales the fisher allocation's FFN curves; allocation 'owl'"):
         PruneConfig("0.6", allocation="owl", allocation_ffn_scale=0.5)
     with pytest.raises(ValueError, match="allocation_ffn_scale: must be > 0"):

@@ -9,6 +9,7 @@ import torch
 from tiny_lm import VOCAB, save_tiny, tiny_model, tiny_tokenizer
 
 from benchmarks import bench_solvers, plot_ppl, ppl_vs_sparsity, profile_sparsellm, study_tables
+from sparsesolve.core.config import COORDINATED_FFN_SCALE
 from sparsesolve.lm.corpora import load_text
 from sparsesolve.lm.models import load_model
 
@@ -232,7 +233,9 @@ def test_an_allocation_run_is_compared_with_the_uniform_run_of_its_own_ridge(tmp
 def test_a_per_linear_allocation_run_has_its_own_file_and_table_row(tmp_path) -> None:
     name = ppl_vs_sparsity.run_name("smoke", "full", "sparsellm", "0.6", allocation="fisher", allocation_range=0.2,
                                     allocation_unit="linear")
-    assert name == "smoke_full_sparsellm_0.6_fisher-linear_range0.2"
+    assert name == f"smoke_full_sparsellm_0.6_fisher-linear_range0.2_ffn{COORDINATED_FFN_SCALE:g}"   # sparsellm's default
+    assert ppl_vs_sparsity.run_name("smoke", "full", "sparsellm", "0.6", allocation="fisher", allocation_range=0.2,
+                                    allocation_unit="linear", allocation_ffn_scale=1) == "smoke_full_sparsellm_0.6_fisher-linear_range0.2"
     assert ppl_vs_sparsity.run_name("smoke", "full", "sparsellm", "0.6", allocation_unit="linear") == "smoke_full_sparsellm_0.6"
     for stem, wiki, spread in (("", 100.0, (0.6, 0.6)), ("_fisher", 90.0, (0.5, 0.7)), ("_fisher-linear", 70.0, (0.55, 0.65)),
                                ("_fisher-linear_range0.2", 60.0, (0.45, 0.75))):

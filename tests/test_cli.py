@@ -229,5 +229,6 @@ def test_a_per_linear_allocation_is_reported_by_linear(tiny_folder: Path, tmp_pa
     report = json.loads((out / "report.json").read_text())
     allocation, masks = report["allocation"], load_file(str(out / "masks.safetensors"))
     assert allocation["unit"] == "linear" and set(allocation["linear_sparsity"]) == set(masks)
+    assert allocation["ffn_scale"] == 1.0
     for name, mask in masks.items():
         assert abs(float((mask == 0).sum()) / mask.numel() - allocation["linear_sparsity"][name]) <= 0.5 / mask.shape[1] + 1e-9

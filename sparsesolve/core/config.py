@@ -20,9 +20,10 @@ if TYPE_CHECKING:
     from sparsesolve.core.patterns import Pattern
     from sparsesolve.core.quantize import GroupQuantizer
 
-__all__ = ["ALLOCATIONS", "ALLOCATION_UNITS", "CG_TOL", "DEFAULT_CHUNK", "LOCAL_NEWTON_STEPS", "MASK_SCOPES", "METHODS", "REFINEMENTS",
+__all__ = ["ALLOCATIONS", "ALLOCATION_UNITS", "CG_TOL", "COORDINATED_FFN_SCALE", "DEFAULT_CHUNK", "LOCAL_NEWTON_STEPS",
+           "MASK_SCOPES", "METHODS", "REFINEMENTS",
            "SOLVER_NAMES", "STORAGE_DTYPES", "UPDATE_BLOCK", "UPDATE_BLOCK_DEVICE",
-           "PruneConfig", "SparseLLMConfig", "option"]
+           "PruneConfig", "SparseLLMConfig", "default_ffn_scale", "option"]
 
 #: the per-layer solvers, one file each in ``core/solvers`` exporting a function of the same name.
 SOLVER_NAMES = ("magnitude", "wanda", "sparsegpt", "admm")
@@ -43,6 +44,11 @@ LOCAL_NEWTON_STEPS = 1
 ALLOCATIONS = ("uniform", "owl", "obs", "fisher")
 #: what a layer-wise allocation gives a sparsity of its own: each decoder layer, or each linear of every layer
 ALLOCATION_UNITS = ("layer", "linear")
+#: the factor on the fisher allocation's FFN curves under sparsellm: its coordinator takes each FFN's
+#: squared output error to about this share of its one-shot start (SmolLM2's uniform P1 runs, summed over
+#: the layers: 0.64 at 70 %, 0.55 at 80 %, 0.68 at 2:4), so the FFN costs the loss that much less than the
+#: one-shot curves say
+COORDINATED_FFN_SCALE = 0.6
 #: where an unstructured sparsity is counted: in every row, or over the whole layer (``patterns.Unstructured``).
 MASK_SCOPES = ("row", "layer")
 #: tokens per chunk for per-token work: bounds the float32 copies to ``8192 x width``.
@@ -64,6 +70,12 @@ def option(default: Any, help: str, **metadata: Any) -> Any:
     if isinstance(default, (list, dict, set)):
         raise TypeError("mutable defaults: use a tuple")
     return field(default=default, metadata={"help": help, **metadata})
+
+
+def default_ffn_scale(method: str, allocation: str) -> float:
+    """``PruneConfig.allocation_ffn_scale`` when not given: ``COORDINATED_FFN_SCALE`` for sparsellm under the
+    fisher allocation (its coordinator repairs the FFN), else 1 (the one-shot curves as they are)."""
+    return COORDINATED_FFN_SCALE if method == "sparsellm" and allocation == "fisher" else 1.0
 
 
 def _fail(name: str, message: str) -> None:
@@ -243,10 +255,11 @@ class PruneConfig:
     allocation_unit: str = option("layer", "what gets a sparsity of its own under an allocation: layer (every linear "
                                            "of a decoder layer alike) or linear (each linear; not for MoE experts)",
                                   choices=ALLOCATION_UNITS)
-    allocation_ffn_scale: float = option(1.0, "fisher only: multiplies the error curves of every layer's dense FFN "
-                                              "linears before the zeros are split; below 1 moves zeros from attention "
-                                              "into the FFN, which sparsellm's coordinator repairs beyond its one-shot "
-                                              "start (it leaves about 0.6 of the start's FFN error on SmolLM2 at 70 %)")
+    allocation_ffn_scale: float | None = option(None, "fisher only: multiplies the error curves of every layer's dense "
+                                                      "FFN linears before the zeros are split; below 1 moves zeros from "
+                                                      "attention into the FFN, which sparsellm's coordinator repairs "
+                                                      "beyond its one-shot start (None: "
+                                                      f"{COORDINATED_FFN_SCALE} for sparsellm, 1 for the other methods)")
 
     def __post_init__(self) -> None:
         from sparsesolve.core.patterns import Pattern, parse_pattern
@@ -312,6 +325,8 @@ class PruneConfig:
                                      "the target already (choose --allocation owl, obs or fisher)")
         if not 0 < self.allocation_range <= 0.5:
             _fail("allocation_range", f"must be in (0, 0.5], got {self.allocation_range!r}")
+        if self.allocation_ffn_scale is None:
+            object.__setattr__(self, "allocation_ffn_scale", default_ffn_scale(self.method, self.allocation))
         if not self.allocation_ffn_scale > 0:
             _fail("allocation_ffn_scale", f"must be > 0, got {self.allocation_ffn_scale!r}")
         if self.allocation_ffn_scale != 1 and self.allocation != "fisher":
