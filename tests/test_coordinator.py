@@ -206,6 +206,54 @@ def test_lending_the_last_activation_to_the_passes_changes_no_iterate(build: obj
         assert torch.equal(solution.weight, separate.solutions[name].weight), name
 
 
+@pytest.mark.parametrize("build", [relu_mlp, gated_mlp], ids=["relu3", "gated"])
+def test_preactivations_recomputed_after_the_start_and_released_in_the_last_pass_change_no_iterate(
+        build: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Off the CPU the dense pre-activations are not held through the one-shot start but computed again
+    after it, and the last pass releases each once its cross-covariance is taken and allocates its
+    activation only then: the weights, errors and objective trace are bit-identical to keeping them,
+    and neither the start nor the end of the last pass holds any."""
+    from sparsesolve.core import coordinator
+
+    dense, x = build(12), correlated_inputs(400, 16, seed=12)
+    kept = ss.prune(copy.deepcopy(dense), x, method="sparsellm", pattern="0.7", iterations=3, trace=True)
+    states, held = [], []
+    original_init, original_start, original_pass = (coordinator.CoordinatorState.__init__, coordinator.layerwise,
+                                                    coordinator.sequential_pass)
+
+    def init(self, *args, **kwargs) -> None:
+        original_init(self, *args, **kwargs)
+        states.append(self)
+
+    def holding(phase: str, run: object) -> object:
+        def call(*args, **kwargs) -> object:
+            out = run(*args, **kwargs)
+            held.append((phase, sum(p is not None for ps in states[-1].pres for p in ps)))
+            return out
+        return call
+
+    original_lend = coordinator.CoordinatorState._lend
+
+    def lend(self) -> torch.Tensor:
+        held.append(("lend", sum(p is not None for ps in self.pres for p in ps), self.acts[-1] is None))
+        return original_lend(self)
+
+    monkeypatch.setattr(coordinator, "recompute_preactivations", lambda device: True)
+    monkeypatch.setattr(coordinator.CoordinatorState, "__init__", init)
+    monkeypatch.setattr(coordinator.CoordinatorState, "_lend", lend)
+    monkeypatch.setattr(coordinator, "layerwise", holding("start", original_start))
+    monkeypatch.setattr(coordinator, "sequential_pass", holding("pass", original_pass))
+    lean = ss.prune(copy.deepcopy(dense), x, method="sparsellm", pattern="0.7", iterations=3, trace=True)
+    stored = sum(len(stage.linears) for stage in ss.Chain.from_module(dense).stages[:-1])
+    # the last pass allocates its activation anew, after its pre-activations are gone
+    assert held == [("lend", 0, False), ("start", 0), ("lend", stored, False), ("pass", stored),
+                    ("lend", stored, False), ("pass", stored), ("lend", 0, True), ("pass", 0)]
+    assert lean.error == kept.error and lean.start_error == kept.start_error
+    assert [h["objective_trace"] for h in lean.history] == [h["objective_trace"] for h in kept.history]
+    for name, solution in lean.solutions.items():
+        assert torch.equal(solution.weight, kept.solutions[name].weight), name
+
+
 def test_a_pass_writes_the_last_input_where_it_is_told() -> None:
     """``layerwise(last_input=buffer)``: the buffer ends holding the pruned activations before the
     output linear (the chain's forward with the returned weights)."""

@@ -269,7 +269,7 @@ def test_the_memory_model_divides_what_is_per_token_by_the_ranks(tiny_folder: Pa
     two = pruning_memory_of(tiny_folder, tokens=tokens, ranks=2, method="sparsellm")
     for term in ("hidden", "ffn_inputs", "workspace"):
         assert two[term] == one[term] / 2 > 0
-    for term in ("chunks", "statistics", "candidates", "layer", "model"):
+    for term in ("chunks", "statistics", "layer", "model"):
         assert two[term] == one[term] > 0
     assert one["total"] == sum(v for k, v in one.items() if k not in ("total", "model"))
     # the tiny Llama: width 64, gated FFN of 256, float32
@@ -279,6 +279,15 @@ def test_the_memory_model_divides_what_is_per_token_by_the_ranks(tiny_folder: Pa
     float32 = pruning_memory_of(tiny_folder, tokens=tokens, method="sparsellm", aux_bytes=4)
     assert float32["workspace"] == 3 * tokens * 256 * 4 + tokens * 64 * 4
     assert one["chunks"] == 8 * 8192 * 256 * 4   # the update chunks (8,192 x 256 is below UPDATE_BLOCK values)
-    assert one["candidates"] == (3 + 5) * 64 * 256 * 4   # the start's three weights and the refit's five arrays
+    # on the CPU the peak is the one-shot start: the kept pre-activations, the lent activation and the
+    # output linear's statistics, before any candidate exists
+    assert one["statistics"] == 3 * 256 * 256 * 4 + 3 * 64 * 256 * 4 and one["candidates"] == 0
+    # off the CPU the pre-activations are computed after the start: the auxiliary updates are the peak,
+    # with the three auxiliaries and the start's three weights (the pass holds only some auxiliaries)
+    gpu = pruning_memory_of(tiny_folder, tokens=tokens, method="sparsellm", device="cuda")
+    assert gpu["workspace"] == one["workspace"] and gpu["statistics"] == 0 and gpu["candidates"] == 3 * 64 * 256 * 4
+    short = pruning_memory_of(tiny_folder, tokens=256, method="sparsellm", device="cuda")   # few tokens: solves dominate
+    assert short["workspace"] == 256 * 256 * 2 + 256 * 64 * 4
+    assert short["candidates"] == (3 + 5) * 64 * 256 * 4 and short["statistics"] == 3 * 256 * 256 * 4 + 3 * 64 * 256 * 4
     layerwise = pruning_memory_of(tiny_folder, tokens=tokens, method="sparsegpt")
     assert layerwise["workspace"] < one["workspace"] and layerwise["candidates"] == 0

@@ -33,6 +33,14 @@ the output linear into the storage of ``a_{L-2}`` (``CoordinatorState.lendable``
 rewrites before reading it: one ``N x d_ff`` array less at an FFN's peak, the same iterates (the
 objective recorded before step 1 is then taken at those activations).
 
+The pre-activations ``z_l`` (two ``N x d_ff`` arrays for a gated FFN) are read only from step 1 on,
+and in the last iteration not after the pass has solved their stage. So they are released there, and
+off the CPU (``recompute_preactivations``) they are not stored by the dense forward either: they are
+computed again from the dense weights after the one-shot start, the same values, for one more
+forward of the stages before the output linear (``2 N d d_ff`` multiply-adds for a gated FFN, well
+under a second on a GPU at 7B width and 131,072 tokens). Neither the start nor the pass then holds
+them; on the CPU, where that forward is a few per cent of sparsellm's time, they stay stored.
+
 Only the ratios ``beta / gamma`` and ``alpha / gamma`` matter: scaling all three by a common factor
 leaves every update unchanged.
 
@@ -77,6 +85,13 @@ __all__ = ["ChainResult", "CoordinatorState", "HeldOut", "sparsellm", "prune_cha
 #: conjugate-gradient iterations of a refit at most, when chosen by cost: 4 give 95 % of a converged
 #: refit's gain on SmolLM2 layer 1 (benchmarks/README.md)
 REFINE_ITER_MAX = 4
+
+
+def recompute_preactivations(device: torch.device) -> bool:
+    """Whether the coordinator computes the dense pre-activations after the one-shot start instead of
+    keeping them from the dense forward (module docstring): off the CPU, where memory is what is short
+    and the extra forward is cheap."""
+    return device.type != "cpu"
 
 
 @dataclass
@@ -168,30 +183,58 @@ class CoordinatorState:
 
     def __init__(self, chain: Chain, inputs: torch.Tensor, dtype: torch.dtype, storage: torch.dtype,
                  chunk_size: int | None, alpha: float, beta: float, gamma: float,
-                 token_weights: torch.Tensor | None = None) -> None:
+                 token_weights: torch.Tensor | None = None, keep_preactivations: bool = True) -> None:
         self.chain, self.inputs, self.dtype, self.storage, self.chunk = chain, inputs, dtype, storage, chunk_size
         self.weights = token_weights
         self.alpha, self.beta, self.gamma = alpha, beta, gamma
         self.n = inputs.shape[0]
         self.last = len(chain.stages) - 1
-        dense = [[lin.weight.to(dtype) for lin in stage.linears] for stage in chain.stages]
-        self.pres: list[list[torch.Tensor]] = [[self._empty(w.shape[0]) for w in ws] for ws in dense[:-1]]
-        self.acts: list[torch.Tensor] = [self._empty(ws[0].shape[0]) for ws in dense[:-1]]
-
-        def forward(c: slice) -> torch.Tensor:
-            # the dense chain in the compute dtype; only the stored copies are rounded to the storage dtype
-            a = inputs[c].to(dtype)
-            for l, stage in enumerate(chain.stages[:-1]):
-                pres = [apply_linear(a, w, lin) for lin, w in zip(stage.linears, dense[l])]
-                for store, p in zip(self.pres[l], pres):
-                    store[c] = p.to(storage)
-                a = stage.activate(pres)
-                self.acts[l][c] = a.to(storage)
-            return apply_linear(a, dense[-1][0], chain.stages[-1].linear)
-
-        self.target = map_tokens(self.n, chunk_size, forward,
+        self.pres: list[list[torch.Tensor | None]] = [[None] * len(stage.linears) for stage in chain.stages[:-1]]
+        if keep_preactivations:
+            self._allocate_preactivations()
+        self.acts: list[torch.Tensor | None] = [self._empty(stage.linears[0].weight.shape[0]) for stage in chain.stages[:-1]]
+        dense = self._dense_weights()
+        self.target = map_tokens(self.n, chunk_size, lambda c: self._dense_forward(c, dense, keep_preactivations, True),
                                  torch.empty(self.n, dense[-1][0].shape[0], dtype=dtype, device=inputs.device))
         self.input_gram = gram(inputs, chunk_size, dtype, token_weights)
+
+    def _allocate_preactivations(self) -> None:
+        self.pres = [[self._empty(lin.weight.shape[0]) for lin in stage.linears] for stage in self.chain.stages[:-1]]
+
+    def _dense_weights(self) -> list[list[torch.Tensor]]:
+        """The chain's weights in the compute dtype (its modules hold the dense weights until the end)."""
+        return [[lin.weight.to(self.dtype) for lin in stage.linears] for stage in self.chain.stages]
+
+    def _dense_forward(self, c: slice, dense: list[list[torch.Tensor]], store_pres: bool,
+                       store_acts: bool) -> torch.Tensor | None:
+        """The dense chain (``dense`` weights) on tokens ``c`` in the compute dtype, storing the
+        pre-activations and/or the activations (only the stored copies are rounded to the storage
+        dtype); the output when the activations are stored (the first pass), else None (the output
+        linear is skipped)."""
+        a = self.inputs[c].to(self.dtype)
+        for l, stage in enumerate(self.chain.stages[:-1]):
+            pres = [apply_linear(a, w, lin) for lin, w in zip(stage.linears, dense[l])]
+            if store_pres:
+                for store, p in zip(self.pres[l], pres):
+                    store[c] = p.to(self.storage)
+            a = stage.activate(pres)
+            if store_acts:
+                self.acts[l][c] = a.to(self.storage)
+        return apply_linear(a, dense[-1][0], self.chain.stages[-1].linear) if store_acts else None
+
+    def restore_preactivations(self) -> None:
+        """Compute the dense pre-activations if they were not kept (one forward of the stages before the
+        output linear)."""
+        if all(p is not None for ps in self.pres for p in ps):
+            return
+        self._allocate_preactivations()
+        dense = self._dense_weights()
+        for c in token_chunks(self.n, self.chunk):
+            self._dense_forward(c, dense, True, False)
+
+    def release_preactivation(self, l: int, j: int) -> None:
+        """Drop ``z_{l,j}`` once nothing reads it again (the last pass has taken its cross-covariance)."""
+        self.pres[l][j] = None
 
     def update_chunk(self, width: int) -> int:
         """Tokens per chunk of the elementwise updates of a stage ``width`` wide: ``chunk_size`` capped so
@@ -205,12 +248,25 @@ class CoordinatorState:
         return torch.empty(self.n, width, dtype=self.storage, device=self.inputs.device)
 
     @property
-    def lendable(self) -> torch.Tensor | None:
-        """The auxiliary activation ``a_{L-2}`` (None for a single stage), whose storage the sequential
-        passes may overwrite with their pruned activations: ``a_{L-2}`` is read only after its own
-        update rewrites it (``update_activation`` reads ``z_{L-2}``, not ``a_{L-2}``), while an earlier
-        ``a_l`` is read by the pre-activation update of stage ``l + 1`` before its own update."""
-        return self.acts[-1] if self.acts else None
+    def lendable(self) -> Callable[[], torch.Tensor] | None:
+        """What gives the storage of the auxiliary activation ``a_{L-2}`` (None for a single stage), which
+        the sequential passes may overwrite with their pruned activations: ``a_{L-2}`` is read only after
+        its own update rewrites it (``update_activation`` reads ``z_{L-2}``, not ``a_{L-2}``), while an
+        earlier ``a_l`` is read by the pre-activation update of stage ``l + 1`` before its own update.
+        Released (``release_lendable``), it is allocated again when a pass asks for it."""
+        return self._lend if self.acts else None
+
+    def _lend(self) -> torch.Tensor:
+        if self.acts[-1] is None:
+            self.acts[-1] = self._empty(self.chain.stages[-1].linear.weight.shape[1])
+        return self.acts[-1]
+
+    def release_lendable(self) -> None:
+        """Drop ``a_{L-2}`` before the last pass: nothing reads it again, and the pass allocates its own
+        activation only once its pre-activations are released (one ``N x d_ff`` array less while the
+        stage before the output linear is solved)."""
+        if self.acts:
+            self.acts[-1] = None
 
     def stage_input(self, l: int) -> torch.Tensor:
         return self.inputs if l == 0 else self.acts[l - 1]
@@ -343,7 +399,7 @@ def sparsellm(
     held = _held_out(chain, heldout, chunk_size, dtype)
     aux = getattr(torch, config.aux_storage(str(storage).removeprefix("torch.")))
     state = CoordinatorState(chain, inputs, dtype, aux, chunk_size, config.alpha, config.beta, config.gamma,
-                             token_weights)
+                             token_weights, keep_preactivations=not recompute_preactivations(inputs.device))
     reference = squared_norm(state.target, chunk_size, token_weights)
 
     start = layerwise(chain, inputs, pattern, solver, state.target, solver_options=options, dtype=dtype, storage_dtype=storage,
@@ -357,6 +413,7 @@ def sparsellm(
     for iteration in tqdm(range(1, config.iterations + 1), desc="sparsellm", disable=not progress):
         tick = time.perf_counter()
         weights = current.weights
+        state.restore_preactivations()
         objective_trace: list[tuple[str, float]] = []
 
         def record(block: str) -> None:
@@ -375,6 +432,8 @@ def sparsellm(
             own = pattern_for(pattern, linear.name)
             ridge = config.ridge_at(own.sparsity)
             cross = state.cross(state.stage_targets(l)[j], linear, acts)
+            if iteration == config.iterations and l < state.last:
+                state.release_preactivation(l, j)
             if config.trust > 0:
                 cross = trust_region_cross(cross, start.weights[l][j].to(dtype), h, config.trust)
             previous = current.solutions[linear.name]
@@ -392,6 +451,8 @@ def sparsellm(
             separable = row_separable(solver, None if not config.reselect_mask else own)
             return solve_rows(rows_solve, linear.weight.shape[0], separable)
 
+        if iteration == config.iterations:
+            state.release_lendable()
         current = sequential_pass(chain, inputs, solve, state.target, dtype=dtype, storage_dtype=storage, chunk_size=chunk_size,
                                   first_gram=state.input_gram, token_weights=token_weights, last_input=state.lendable)
         error = current.error

@@ -51,7 +51,7 @@ def sequential_pass(
     chunk_size: int | None,
     first_gram: torch.Tensor | None = None,
     token_weights: torch.Tensor | None = None,
-    last_input: torch.Tensor | None = None,
+    last_input: torch.Tensor | Callable[[], torch.Tensor] | None = None,
 ) -> ChainSolve:
     """Solve stage by stage: Gram of the current (pruned) activations, solve each linear, propagate;
     the last stage's output is compared with ``target`` (``N x d_out``) chunk by chunk.
@@ -59,8 +59,10 @@ def sequential_pass(
     ``first_gram``: the Gram of ``inputs`` when the caller has it already (it is not recomputed);
     ``token_weights`` (``N``): each token's weight in every Gram and in the error (``streaming.weigh``);
     ``last_input``: where to write the last stage's input (the pruned activations before the output
-    linear, ``N x width``, ``storage_dtype``) instead of a new array: the coordinator lends its
-    auxiliary activation, dead at that point, and saves one ``N x d_ff`` array at the FFN's peak."""
+    linear, ``N x width``, ``storage_dtype``) instead of a new array, or a function giving it, called
+    once the stage before has been solved: the coordinator lends its auxiliary activation, dead at that
+    point, and saves one ``N x d_ff`` array at the FFN's peak (the function lets it allocate that array
+    only after the solves before it have freed what they no longer need)."""
     n_tokens = inputs.shape[0]
     acts = inputs
     weights: list[list[torch.Tensor]] = []
@@ -80,8 +82,10 @@ def sequential_pass(
 
         if last:
             return ChainSolve(weights, solutions, squared_error(n_tokens, chunk_size, forward, target, token_weights))
-        out = last_input if l == len(chain.stages) - 2 and last_input is not None else torch.empty(
-            n_tokens, stage_weights[0].shape[0], dtype=storage_dtype, device=inputs.device)
+        if l == len(chain.stages) - 2 and last_input is not None:
+            out = last_input() if callable(last_input) else last_input
+        else:
+            out = torch.empty(n_tokens, stage_weights[0].shape[0], dtype=storage_dtype, device=inputs.device)
         acts = map_tokens(n_tokens, chunk_size, forward, out)
     raise AssertionError("unreachable: Chain refuses a chain without stages")
 
@@ -99,7 +103,7 @@ def layerwise(
     chunk_size: int | None = None,
     first_gram: torch.Tensor | None = None,
     token_weights: torch.Tensor | None = None,
-    last_input: torch.Tensor | None = None,
+    last_input: torch.Tensor | Callable[[], torch.Tensor] | None = None,
 ) -> ChainSolve:
     """Layer-wise pruning: each linear reconstructs its own dense weight on its pruned inputs
     (``pattern``: one for all, or one per linear name; ``target``, ``first_gram``, ``token_weights``,

@@ -10,21 +10,36 @@ The layer being pruned (on the device with ``device=``; the rest of the model st
 loaded) holds, at the peak, which is the FFN step:
 
 - ``hidden``: the decoder layer's inputs, ``n d s``; ``ffn_inputs``: the FFN's inputs, ``n d s``.
-- ``workspace``: sparsellm ``(g + 1) n f a`` (``g`` pre-activations and the activation, whose storage
-  the sequential passes reuse for their own activation) plus ``n d c`` (the dense target; the
-  candidates' outputs are compared with it chunk by chunk, never stored); a layer-wise method
-  ``n f s + n d c``.
+- ``workspace``: the FFN's ``N``-sized arrays: a layer-wise method ``n f s`` (its activation) plus
+  ``n d c`` (the dense target; candidates' outputs are compared with it chunk by chunk, never stored);
+  sparsellm ``k n f a`` plus the target, ``k`` of its auxiliaries (``g`` pre-activations and the
+  activation, whose storage the sequential passes reuse for their own activation) alive at its peak
+  phase (below).
 - ``chunks``: per-chunk temporaries: ``3 C f c`` of a pass's forward products and activation; sparsellm's
   elementwise updates hold ``8 B c`` in chunks of ``B = min(C f, UPDATE_BLOCK)`` values
   (``UPDATE_BLOCK_DEVICE`` off the CPU), so it takes the larger of the two.
-- ``statistics``: the Grams and the solver's factors of the widest linear, ``3 f^2 c + 3 d f c``.
-- ``candidates``: sparsellm only, ``(g + 1) d f b + 5 d f c``: the one-shot start's weights of the
-  FFN's ``g + 1`` linears (in the model's dtype), kept as a candidate while the pass runs, and the
-  conjugate-gradient refit's five ``m x n`` arrays (a one-off CUDA allocation trace of the 7B-shaped
-  run found them at the peak).
+- ``statistics``: the Grams and the solver's factors of the widest linear, ``S = 3 f^2 c + 3 d f c``;
+  ``S0 = 3 d^2 c + 3 d f c`` while the linears reading the FFN's input are solved.
+- ``candidates``: sparsellm only: the one-shot start's weights of the FFN's ``g + 1`` linears,
+  ``W0 = (g + 1) d f b`` (in the model's dtype), kept as a candidate from the start on, and during
+  the pass the conjugate-gradient refit's five ``m x n`` arrays, ``R = 5 d f c`` (a one-off CUDA
+  allocation trace of the 7B-shaped run found them at the peak).
 - ``layer``: the layer's weights, ``P b``.
 
-Everything but ``statistics``, ``candidates``, ``chunks`` and ``layer`` divides by ``K`` under token sharding. The
+sparsellm's peak is the largest of its phases (``coordinator`` module docstring: off the CPU the
+pre-activations are computed after the start instead of kept through it, the last pass releases
+them stage by stage and allocates its activation after them), in ``A = n f a`` units of auxiliary:
+
+- the one-shot start: the lent activation and, on the CPU, the kept pre-activations, ``(1 + g) A``
+  (off the CPU ``A``), with ``S``;
+- the auxiliary updates: ``(g + 1) A`` with ``W0``;
+- the pass, solving gate and up: ``g A`` with ``S0``, ``W0 + R``;
+- the pass, solving the output linear: ``A`` with ``S``, ``W0 + R``.
+
+Each term reports its value in that phase.
+
+Everything but ``statistics``, ``candidates``, ``chunks`` and ``layer`` divides by ``K`` under token
+sharding (for sparsellm, while the same phase stays the peak). The
 model itself (host memory, one copy per rank process) is reported as ``model``, outside ``total``.
 ``benchmarks/bench_distributed.py`` checks the model against measured resident memory.
 """
@@ -59,13 +74,22 @@ def pruning_memory(*, tokens: int, d_model: int, d_ff: int, layer_params: int, m
     chunk = min(n, chunk_size or n)
     block = UPDATE_BLOCK if device == "cpu" else UPDATE_BLOCK_DEVICE
     coordinated = method == "sparsellm"
+    full, first = 3 * f * f * c + 3 * d * f * c, 3 * d * d * c + 3 * d * f * c
+    start, refit = (g + 1) * d * f * param_bytes, 5 * d * f * c
+    if coordinated:
+        kept = g if device == "cpu" else 0        # pre-activations kept through the start on the CPU only
+        phases = [(1 + kept, full, 0), (g + 1, 0, start), (g, first, start + refit), (1, full, start + refit)]
+        arrays, statistics, candidates = max(phases, key=lambda p: p[0] * n * f * a + p[1] + p[2])
+        workspace = arrays * n * f * a
+    else:
+        workspace, statistics, candidates = n * f * s, full, 0
     terms = {
         "hidden": n * d * s,
         "ffn_inputs": n * d * s,
-        "workspace": ((g + 1) * n * f * a if coordinated else n * f * s) + n * d * c,
+        "workspace": workspace + n * d * c,
         "chunks": max(8 * min(chunk * f, block) if coordinated else 0, 3 * chunk * f) * c,
-        "statistics": 3 * f * f * c + 3 * d * f * c,
-        "candidates": ((g + 1) * param_bytes + 5 * c) * d * f if coordinated else 0,
+        "statistics": statistics,
+        "candidates": candidates,
         "layer": layer_params * param_bytes,
     }
     return {**{k: float(v) for k, v in terms.items()}, "total": float(sum(terms.values())),
