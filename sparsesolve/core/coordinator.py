@@ -201,9 +201,10 @@ class CoordinatorState:
     def _allocate_preactivations(self) -> None:
         self.pres = [[self._empty(lin.weight.shape[0]) for lin in stage.linears] for stage in self.chain.stages[:-1]]
 
-    def _dense_weights(self) -> list[list[torch.Tensor]]:
-        """The chain's weights in the compute dtype (its modules hold the dense weights until the end)."""
-        return [[lin.weight.to(self.dtype) for lin in stage.linears] for stage in self.chain.stages]
+    def _dense_weights(self, stages: int | None = None) -> list[list[torch.Tensor]]:
+        """The weights of the chain's first ``stages`` stages (None: all) in the compute dtype (its modules
+        hold the dense weights until the end)."""
+        return [[lin.weight.to(self.dtype) for lin in stage.linears] for stage in self.chain.stages[:stages]]
 
     def _dense_forward(self, c: slice, dense: list[list[torch.Tensor]], store_pres: bool,
                        store_acts: bool) -> torch.Tensor | None:
@@ -228,7 +229,7 @@ class CoordinatorState:
         if all(p is not None for ps in self.pres for p in ps):
             return
         self._allocate_preactivations()
-        dense = self._dense_weights()
+        dense = self._dense_weights(self.last)      # the output linear is not applied
         for c in token_chunks(self.n, self.chunk):
             self._dense_forward(c, dense, True, False)
 

@@ -32,7 +32,8 @@ them stage by stage and allocates its activation after them), in ``A = n f a`` u
 
 - the one-shot start: the lent activation and, on the CPU, the kept pre-activations, ``(1 + g) A``
   (off the CPU ``A``), with ``S``;
-- the auxiliary updates: ``(g + 1) A`` with ``W0``;
+- the auxiliary updates: ``(g + 1) A`` with ``W0`` (off the CPU also ``g d f c``: the dense weights of
+  gate and up in float32 while the pre-activations are computed again);
 - the pass, solving gate and up: ``g A`` with ``S0``, ``W0 + R``;
 - the pass, solving the output linear: ``A`` with ``S``, ``W0 + R``.
 
@@ -78,7 +79,8 @@ def pruning_memory(*, tokens: int, d_model: int, d_ff: int, layer_params: int, m
     start, refit = (g + 1) * d * f * param_bytes, 5 * d * f * c
     if coordinated:
         kept = g if device == "cpu" else 0        # pre-activations kept through the start on the CPU only
-        phases = [(1 + kept, full, 0), (g + 1, 0, start), (g, first, start + refit), (1, full, start + refit)]
+        recompute = 0 if kept else g * d * f * c
+        phases = [(1 + kept, full, 0), (g + 1, recompute, start), (g, first, start + refit), (1, full, start + refit)]
         arrays, statistics, candidates = max(phases, key=lambda p: p[0] * n * f * a + p[1] + p[2])
         workspace = arrays * n * f * a
     else:
