@@ -218,5 +218,6 @@ def test_the_ffn_scale_needs_the_fisher_allocation_and_defaults_to_the_coordinat
         assert PruneConfig("0.6", method=method, allocation=allocation).allocation_ffn_scale == 1.0
     with pytest.raises(ValueError, match="allocation_ffn_scale: scales the fisher allocation's FFN curves; allocation 'owl'"):
         PruneConfig("0.6", allocation="owl", allocation_ffn_scale=0.5)
-    with pytest.raises(ValueError, match="allocation_ffn_scale: must be > 0"):
-        PruneConfig("0.6", allocation="fisher", allocation_ffn_scale=0.0)
+    for bad in (0.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="allocation_ffn_scale: must be a finite number > 0"):
+            PruneConfig("0.6", allocation="fisher", allocation_ffn_scale=bad)

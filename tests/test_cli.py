@@ -77,6 +77,8 @@ def test_prune_with_joint_quantisation(tiny_folder: Path, tmp_path: Path) -> Non
     (["--sparsity", "0.5", "--method", "sparsegpt", "--wbits", "12"], "wbits must be between 2 and 8"),
     (["--pattern", "2:4", "--allocation", "owl"], "allocation: 'owl' spreads an unstructured sparsity"),
     (["--pattern", "2:4", "--mask-scope", "layer"], "mask_scope: 'layer' counts an unstructured sparsity"),
+    (["--sparsity", "0.5", "--allocation", "owl", "--allocation-ffn-scale", "0.5"],
+     "allocation_ffn_scale: scales the fisher allocation's FFN curves; allocation 'owl' has none"),
     (["--sparsity", "0.5", "--heldout-fraction", "1"], "heldout_fraction must be in [0, 1)"),
     (["--sparsity", "0.5", "--nsamples", "2", "--heldout-fraction", "0.9"], "leaves none to fit"),
     (["--sparsity", "0.5", "--calib", "wiki,novels"], "unknown corpus 'novels'"),

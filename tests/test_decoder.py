@@ -217,6 +217,21 @@ def test_resume_from_checkpoints_gives_the_same_weights(tmp_path) -> None:
                       checkpoint_dir=tmp_path, resume=True, progress=False)
 
 
+def test_a_setting_missing_from_an_old_manifest_counts_as_its_default(tmp_path) -> None:
+    """A key absent from ``run.json`` stands for its default: resuming at the default goes on, resuming at
+    another value (sparsellm under fisher now scales the FFN curves by 0.6, older runs by 1) is refused."""
+    from sparsesolve.lm.checkpoint import LayerCheckpoints
+
+    defaults = PruneConfig("0.6").to_dict()
+    (tmp_path / "run.json").write_text(json.dumps({"method": "sparsellm", "allocation": "fisher"}))
+    settings = {"method": "sparsellm", "allocation": "fisher", "allocation_ffn_scale": 1.0}
+    assert LayerCheckpoints(tmp_path, settings, defaults).open(resume=True) == []
+    with pytest.raises(ValueError, match=r"different settings \(allocation_ffn_scale\)"):
+        LayerCheckpoints(tmp_path, {**settings, "allocation_ffn_scale": 0.6}, defaults).open(resume=True)
+    with pytest.raises(ValueError, match=r"different settings \(allocation_ffn_scale\)"):
+        LayerCheckpoints(tmp_path, settings).open(resume=True)          # without defaults: refused as before
+
+
 def test_bad_models_and_inputs_raise_clear_errors() -> None:
     bert = AutoModelForCausalLM.from_config(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1,
                                                        num_attention_heads=2, intermediate_size=64, is_decoder=True))

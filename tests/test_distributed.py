@@ -286,7 +286,11 @@ def test_the_memory_model_divides_what_is_per_token_by_the_ranks(tiny_folder: Pa
     # with the three auxiliaries and the start's three weights (the pass holds only some auxiliaries)
     gpu = pruning_memory_of(tiny_folder, tokens=tokens, method="sparsellm", device="cuda")
     assert gpu["workspace"] == one["workspace"] and gpu["candidates"] == 3 * 64 * 256 * 4
-    assert gpu["statistics"] == 2 * 64 * 256 * 4     # gate's and up's dense weights in float32 for that
+    assert gpu["statistics"] == 0                    # the tiny model is float32: its dense weights need no copy
+    # with more iterations, the passes before the last keep every auxiliary and two candidates
+    four = pruning_memory_of(tiny_folder, tokens=tokens, method="sparsellm", device="cuda", iterations=4)
+    assert four["workspace"] == one["workspace"] and four["statistics"] == one["statistics"]
+    assert four["candidates"] == (2 * 3 + 5) * 64 * 256 * 4 and four["total"] > gpu["total"]
     short = pruning_memory_of(tiny_folder, tokens=256, method="sparsellm", device="cuda")   # few tokens: solves dominate
     assert short["workspace"] == 256 * 256 * 2 + 256 * 64 * 4
     assert short["candidates"] == (3 + 5) * 64 * 256 * 4 and short["statistics"] == 3 * 256 * 256 * 4 + 3 * 64 * 256 * 4

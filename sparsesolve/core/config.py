@@ -327,8 +327,8 @@ class PruneConfig:
             _fail("allocation_range", f"must be in (0, 0.5], got {self.allocation_range!r}")
         if self.allocation_ffn_scale is None:
             object.__setattr__(self, "allocation_ffn_scale", default_ffn_scale(self.method, self.allocation))
-        if not self.allocation_ffn_scale > 0:
-            _fail("allocation_ffn_scale", f"must be > 0, got {self.allocation_ffn_scale!r}")
+        if not 0 < self.allocation_ffn_scale < float("inf"):
+            _fail("allocation_ffn_scale", f"must be a finite number > 0, got {self.allocation_ffn_scale!r}")
         if self.allocation_ffn_scale != 1 and self.allocation != "fisher":
             _fail("allocation_ffn_scale", f"scales the fisher allocation's FFN curves; allocation {self.allocation!r} "
                                           "has none (use --allocation fisher, or leave the scale at 1)")

@@ -38,9 +38,9 @@ and in the last iteration not after the pass has solved their stage. So they are
 off the CPU (``recompute_preactivations``) they are not stored by the dense forward either: they are
 computed again from the dense weights after the one-shot start, the same values, for one more
 forward of the stages before the output linear (``2 N d d_ff`` multiply-adds for a gated FFN: by
-count about 0.4 s of an H100 at 7B width and 131,072 tokens). Neither the start nor the pass then
-holds them; on the CPU, where that forward is about 9 % of the FFN's per-token work (README), they
-stay stored.
+count about 0.4 s of an H100 at 7B width and 131,072 tokens). Neither the start nor the end of the
+last pass then holds them (earlier passes keep them for the next iteration). On the CPU, where that
+forward is about 9 % of the FFN's per-token work (README), they stay stored.
 
 Only the ratios ``beta / gamma`` and ``alpha / gamma`` matter: scaling all three by a common factor
 leaves every update unchanged.

@@ -36,7 +36,7 @@ class LayerCheckpoints:
         manifest = self.folder / "run.json"
         if resume and manifest.exists():
             saved = json.loads(manifest.read_text())
-            saved = {**{k: v for k, v in self.defaults.items() if k not in saved}, **saved}
+            saved = {**{k: v for k, v in self.defaults.items() if k not in saved and k in self.settings}, **saved}
             if saved != self.settings:
                 changed = sorted(k for k in set(saved) | set(self.settings) if saved.get(k) != self.settings.get(k))
                 raise ValueError(f"cannot resume: the checkpoints in {self.folder} were made with different settings "

@@ -32,10 +32,13 @@ them stage by stage and allocates its activation after them), in ``A = n f a`` u
 
 - the one-shot start: the lent activation and, on the CPU, the kept pre-activations, ``(1 + g) A``
   (off the CPU ``A``), with ``S``;
-- the auxiliary updates: ``(g + 1) A`` with ``W0`` (off the CPU also ``g d f c``: the dense weights of
-  gate and up in float32 while the pre-activations are computed again);
-- the pass, solving gate and up: ``g A`` with ``S0``, ``W0 + R``;
-- the pass, solving the output linear: ``A`` with ``S``, ``W0 + R``.
+- the auxiliary updates: ``(g + 1) A`` with ``W0`` (off the CPU, for a model not stored in float32,
+  also ``g d f c``: the dense weights of gate and up in float32 while the pre-activations are
+  computed again);
+- the last pass, solving gate and up: ``g A`` with ``S0``, ``W0 + R``;
+- the last pass, solving the output linear: ``A`` with ``S``, ``W0 + R``;
+- with more than one iteration, the passes before the last keep every auxiliary: ``(g + 1) A`` with
+  ``S``, ``2 W0 + R`` (the start and the best candidate so far).
 
 Each term reports its value in that phase.
 
@@ -64,11 +67,12 @@ _BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8}
 def pruning_memory(*, tokens: int, d_model: int, d_ff: int, layer_params: int, model_params: int, ranks: int = 1,
                    storage_bytes: int = 2, param_bytes: int = 2, gated: bool = True, method: str = "sparsellm",
                    chunk_size: int | None = DEFAULT_CHUNK, device: str = "cpu",
-                   aux_bytes: int | None = None) -> dict[str, float]:
+                   aux_bytes: int | None = None, iterations: int | None = None) -> dict[str, float]:
     """Bytes per rank by term (module docstring) and their ``total``; ``model`` is the whole model's
     parameters in ``param_bytes`` (held once per rank process, not in ``total``); ``device``: the
-    device type the layer is pruned on (it sets sparsellm's update chunks); ``aux_bytes``: bytes per
-    stored auxiliary (None: the language-model default, module docstring)."""
+    device type the layer is pruned on (it sets sparsellm's update chunks and phases); ``aux_bytes``:
+    bytes per stored auxiliary (None: the language-model default, module docstring); ``iterations``:
+    sparsellm's (None: the language-model default, one)."""
     n, d, f, s, c = math.ceil(tokens / ranks), d_model, d_ff, storage_bytes, _COMPUTE
     a = aux_bytes or _BYTES.get(SparseLLMConfig.for_language_models().aux_storage(_NAMES.get(s, "")), s)
     g = 2 if gated else 1
@@ -79,8 +83,10 @@ def pruning_memory(*, tokens: int, d_model: int, d_ff: int, layer_params: int, m
     start, refit = (g + 1) * d * f * param_bytes, 5 * d * f * c
     if coordinated:
         kept = g if device == "cpu" else 0        # pre-activations kept through the start on the CPU only
-        recompute = 0 if kept else g * d * f * c
+        recompute = 0 if kept or param_bytes == c else g * d * f * c
         phases = [(1 + kept, full, 0), (g + 1, recompute, start), (g, first, start + refit), (1, full, start + refit)]
+        if (SparseLLMConfig.for_language_models().iterations if iterations is None else iterations) > 1:
+            phases.append((g + 1, full, 2 * start + refit))
         arrays, statistics, candidates = max(phases, key=lambda p: p[0] * n * f * a + p[1] + p[2])
         workspace = arrays * n * f * a
     else:
@@ -100,7 +106,8 @@ def pruning_memory(*, tokens: int, d_model: int, d_ff: int, layer_params: int, m
 
 def pruning_memory_of(folder: str | Path, *, tokens: int, ranks: int = 1, method: str = "sparsellm",
                       storage_bytes: int | None = None, chunk_size: int | None = DEFAULT_CHUNK,
-                      device: str = "cpu", aux_bytes: int | None = None) -> dict[str, float]:
+                      device: str = "cpu", aux_bytes: int | None = None,
+                      iterations: int | None = None) -> dict[str, float]:
     """``pruning_memory`` for the model in ``folder`` (its ``config.json``; parameters counted from its
     safetensors), stored in its own dtype unless ``storage_bytes`` is given."""
     from safetensors import safe_open
@@ -121,4 +128,4 @@ def pruning_memory_of(folder: str | Path, *, tokens: int, ranks: int = 1, method
     return pruning_memory(tokens=tokens, d_model=text["hidden_size"], d_ff=d_ff, layer_params=layer_params,
                           model_params=sum(sizes.values()), ranks=ranks, storage_bytes=storage_bytes or dtype_bytes,
                           param_bytes=dtype_bytes, gated=gated, method=method, chunk_size=chunk_size, device=device,
-                          aux_bytes=aux_bytes)
+                          aux_bytes=aux_bytes, iterations=iterations)
