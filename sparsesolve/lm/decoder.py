@@ -53,7 +53,7 @@ from sparsesolve.lm.adapters import DecoderLayerMap, get_adapter
 from sparsesolve.lm.allocation import allocate, layer_statistics, sparsity_grid
 from sparsesolve.lm.checkpoint import LayerCheckpoints
 from sparsesolve.lm.environment import release_free_memory
-from sparsesolve.lm.fisher import output_fisher
+from sparsesolve.lm.fisher import FISHER_BATCH, output_fisher
 from sparsesolve.lm.layer_inputs import LayerInputs, capture_first_inputs, feed, run_layer
 from sparsesolve.lm.models import check_seq_len
 from sparsesolve.lm.records import ExpertRecord, FFNRecord, LayerRecord, LinearRecord
@@ -427,7 +427,7 @@ def _allocate(model: nn.Module, adapter: Any, chosen: list[int], calibration: to
         return {}
     target = config.pattern.fraction
     with pruner.forward_pass():
-        weights = output_fisher(model, adapter, chosen, calibration, config.batch_size) if config.allocation == "fisher" else None
+        weights = output_fisher(model, adapter, chosen, calibration, FISHER_BATCH) if config.allocation == "fisher" else None
         if weights is not None and config.allocation_ffn_scale != 1:
             ffn = {lin.name for i in chosen for lin in getattr(adapter.layer_map(model, i).ffn, "linears", [])}
             weights = {name: f * config.allocation_ffn_scale if name in ffn else f for name, f in weights.items()}

@@ -27,7 +27,12 @@ from sparsesolve.core import distributed
 from sparsesolve.core.chain import LinearMap
 from sparsesolve.lm.adapters import Adapter
 
-__all__ = ["output_fisher"]
+__all__ = ["FISHER_BATCH", "output_fisher"]
+
+#: windows per backward pass when pruning: one. A backward pass holds a training step's activations
+#: for its windows, and batching saved no time: SmolLM2, 16 windows of 512 tokens, two threads, took
+#: 39.0 s and 9.8 GB of peak resident memory in batches of 8 against 35.9 s and 2.4 GB one at a time
+FISHER_BATCH = 1
 
 
 def output_fisher(model: nn.Module, adapter: Adapter, layers: Sequence[int], windows: torch.Tensor,
