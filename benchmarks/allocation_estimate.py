@@ -35,10 +35,11 @@ from benchmarks.common import RESULTS, metadata, write_json
 def estimate(model: nn.Module, windows: torch.Tensor, targets: list[float], ranges: list[float],
              batch_size: int = 8) -> dict[str, Any]:
     """The rows and ``by_type`` of the module docstring for ``model`` calibrated on ``windows``
-    (``n x seq_len`` token ids), at each unstructured target and allocation range."""
+    (``n x seq_len`` token ids), at each unstructured target and allocation range (``batch_size``:
+    windows per dense forward; the Fisher backward passes take one window each, as pruning does)."""
     from sparsesolve.lm.adapters import get_adapter
     from sparsesolve.lm.allocation import LayerStatistics, allocate, layer_statistics, sparsity_grid
-    from sparsesolve.lm.fisher import output_fisher
+    from sparsesolve.lm.fisher import FISHER_BATCH, output_fisher
     from sparsesolve.lm.layer_inputs import capture_first_inputs
 
     adapter = get_adapter(model)
@@ -46,7 +47,7 @@ def estimate(model: nn.Module, windows: torch.Tensor, targets: list[float], rang
     low = max(0.0, min(targets) - max(ranges))
     high = min(0.99, max(targets) + max(ranges))
     grid = sparsity_grid((low + high) / 2, (high - low) / 2)
-    fisher = output_fisher(model, adapter, layers, windows, batch_size)
+    fisher = output_fisher(model, adapter, layers, windows, FISHER_BATCH)     # as pruning computes it
     inputs = capture_first_inputs(model, adapter.layers(model)[0], windows, batch_size, torch.float32, torch.device("cpu"))
     with torch.no_grad():
         linear = layer_statistics(model, adapter, layers, inputs, torch.float32, torch.device("cpu"), grid,

@@ -88,11 +88,11 @@ __all__ = ["ChainResult", "CoordinatorState", "HeldOut", "sparsellm", "prune_cha
 REFINE_ITER_MAX = 4
 
 
-def recompute_preactivations(device: torch.device) -> bool:
+def recompute_preactivations(device: torch.device | str) -> bool:
     """Whether the coordinator computes the dense pre-activations after the one-shot start instead of
     keeping them from the dense forward (module docstring): off the CPU, where memory is what is short
-    and the extra forward is cheap."""
-    return device.type != "cpu"
+    and the extra forward is cheap (``lm.memory`` reads the same rule)."""
+    return torch.device(device).type != "cpu"
 
 
 @dataclass

@@ -55,6 +55,7 @@ import math
 from pathlib import Path
 
 from sparsesolve.core.config import DEFAULT_CHUNK, UPDATE_BLOCK, UPDATE_BLOCK_DEVICE, SparseLLMConfig
+from sparsesolve.core.coordinator import recompute_preactivations
 
 __all__ = ["pruning_memory", "pruning_memory_of"]
 
@@ -82,7 +83,7 @@ def pruning_memory(*, tokens: int, d_model: int, d_ff: int, layer_params: int, m
     full, first = 3 * f * f * c + 3 * d * f * c, 3 * d * d * c + 3 * d * f * c
     start, refit = (g + 1) * d * f * param_bytes, 5 * d * f * c
     if coordinated:
-        kept = g if device == "cpu" else 0        # pre-activations kept through the start on the CPU only
+        kept = 0 if recompute_preactivations(device) else g     # pre-activations kept through the start
         recompute = 0 if kept or param_bytes == c else g * d * f * c
         phases = [(1 + kept, full, 0), (g + 1, recompute, start), (g, first, start + refit), (1, full, start + refit)]
         if (SparseLLMConfig.for_language_models().iterations if iterations is None else iterations) > 1:
