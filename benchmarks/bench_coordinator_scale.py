@@ -20,8 +20,9 @@ launches, a proxy for the launch overhead a GPU pays, and where its CPU time goe
 
 With ``--whole-model`` it also times ``sparsesolve.prune`` on a random-init Llama of ``--model-shape``
 (default the 7B shape, 2 decoder layers) with ``--model-windows`` x ``--model-seq-len`` random token
-windows, both methods, with peak memory: allocated device memory on a GPU, the process's resident
-memory on the CPU. Each device type keeps its own whole-model rows.
+windows, both methods (sparsellm once per ``--preactivations`` setting), with peak memory: allocated
+device memory on a GPU, the process's resident memory on the CPU, and ``lm.memory``'s prediction.
+Each device type keeps its own whole-model rows.
 
 Writes (merging rows by key) ``benchmarks/results/coordinator_scale.json``.
 """
@@ -148,14 +149,17 @@ def time_methods(ffn: torch.nn.Module, x: torch.Tensor, pattern: str, ops: bool 
 
 
 def whole_model(shape: str, layers: int, windows: int, seq_len: int, pattern: str, device: str,
-                dtype: str = "float32") -> list[dict[str, Any]]:
+                dtype: str = "float32", preactivations: tuple[str, ...] = ("auto",)) -> list[dict[str, Any]]:
     """Both methods on a random-init Llama of ``shape`` (``HIDDENxFFN``) in ``dtype`` (the stored
-    activations take it too): wall seconds and peak memory (allocated device memory on a GPU; on the
-    CPU the process's resident memory, model and libraries included, its high-water mark reset before
-    each method)."""
+    activations take it too), sparsellm once per ``preactivations`` setting: wall seconds and peak
+    memory (allocated device memory on a GPU; on the CPU the process's resident memory, model and
+    libraries included, its high-water mark reset before each run), beside ``lm.memory``'s prediction
+    for the same run (``predicted_gb``: its per-layer total plus the model's parameters)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import sparsesolve as ss
+    from sparsesolve.core.config import SparseLLMConfig
+    from sparsesolve.lm.memory import pruning_memory
 
     hidden, ffn = (int(v) for v in shape.split("x"))
     config = LlamaConfig(hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
@@ -163,20 +167,27 @@ def whole_model(shape: str, layers: int, windows: int, seq_len: int, pattern: st
                          vocab_size=32000, max_position_embeddings=max(2048, seq_len))
     tokens = torch.randint(0, config.vocab_size, (windows, seq_len), generator=torch.Generator().manual_seed(0))
     rows = []
-    for method in ("sparsegpt", "sparsellm"):
+    for method, where in (("sparsegpt", None), *(("sparsellm", p) for p in preactivations)):
         torch.manual_seed(0)
         model = LlamaForCausalLM(config).to(device=device, dtype=getattr(torch, dtype)).eval()
+        options = {} if where is None else {"sparsellm": SparseLLMConfig.for_language_models(preactivations=where)}
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         _sync(torch.device(device))
-        result, wall, resident = _timed(torch.device(device), lambda m=model, name=method: ss.prune(
-            m, tokens, method=name, pattern=pattern, progress=False))
+        result, wall, resident = _timed(torch.device(device), lambda m=model, name=method, o=options: ss.prune(
+            m, tokens, method=name, pattern=pattern, progress=False, **o))
         on_gpu = device.startswith("cuda")
+        size = torch.finfo(getattr(torch, dtype)).bits // 8
+        predicted = pruning_memory(tokens=windows * seq_len, d_model=hidden, d_ff=ffn, storage_bytes=size, param_bytes=size,
+                                   layer_params=sum(p.numel() for p in model.model.layers[0].parameters()),
+                                   model_params=sum(p.numel() for p in model.parameters()), method=method,
+                                   device=torch.device(device).type, preactivations=where or "auto")
         rows.append({"model_shape": shape, "layers": layers, "windows": windows, "seq_len": seq_len, "pattern": pattern,
-                     "dtype": dtype, "device": device, "method": method, "wall_s": wall,
+                     "dtype": dtype, "device": device, "method": method, "preactivations": where, "wall_s": wall,
                      "solve_s": result.solve_seconds, "forward_s": result.forward_seconds,
                      "peak_device_gb": torch.cuda.max_memory_allocated() / 2**30 if on_gpu else None,
                      "peak_resident_gb": None if on_gpu else resident.peak_mb / 1024,
+                     "predicted_gb": (predicted["total"] + predicted["model"]) / 2**30,
                      "threads": torch.get_num_threads()})
         print(json.dumps(rows[-1]), flush=True)
         del model
@@ -213,15 +224,17 @@ def _source(meta: dict[str, Any]) -> str:
 def _whole_model_table(rows: list[dict[str, Any]], meta_by_device: dict[str, dict[str, Any]]) -> str:
     """Both methods on the random-init Llama, per device and dtype: wall seconds, peak memory (device
     memory on a GPU, resident memory on the CPU) and the ratios."""
-    lines = ["| model (layers) | tokens | pattern | device | dtype | sparsegpt s | sparsellm s | ratio | peak GiB sparsegpt | "
-             "peak GiB sparsellm | ratio |", "|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| model (layers) | tokens | pattern | device | dtype | sparsellm pre-activations | sparsegpt s | sparsellm s | "
+             "ratio | peak GiB sparsegpt | peak GiB sparsellm | ratio |",
+             "|---|---:|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for device, dtype in dict.fromkeys((r["device"], r["dtype"]) for r in rows):
-        gpt, llm = (next(r for r in rows if (r["device"], r["dtype"], r["method"]) == (device, dtype, m))
-                    for m in ("sparsegpt", "sparsellm"))
-        a, b = (r["peak_device_gb"] or r.get("peak_resident_gb") for r in (gpt, llm))
-        memory = f"{a:.1f} | {b:.1f} | {b / a:.2f}x" if a and b else "- | - | -"
-        lines.append(f"| Llama {gpt['model_shape']} ({gpt['layers']}) | {gpt['windows'] * gpt['seq_len']:,} | {gpt['pattern']} | "
-                     f"{device} | {dtype} | {gpt['wall_s']:.1f} | {llm['wall_s']:.1f} | {llm['wall_s'] / gpt['wall_s']:.2f}x | {memory} |")
+        gpt = next(r for r in rows if (r["device"], r["dtype"], r["method"]) == (device, dtype, "sparsegpt"))
+        for llm in (r for r in rows if (r["device"], r["dtype"], r["method"]) == (device, dtype, "sparsellm")):
+            a, b = (r["peak_device_gb"] or r.get("peak_resident_gb") for r in (gpt, llm))
+            memory = f"{a:.1f} | {b:.1f} | {b / a:.2f}x" if a and b else "- | - | -"
+            lines.append(f"| Llama {gpt['model_shape']} ({gpt['layers']}) | {gpt['windows'] * gpt['seq_len']:,} | "
+                         f"{gpt['pattern']} | {device} | {dtype} | {llm.get('preactivations') or 'auto'} | "
+                         f"{gpt['wall_s']:.1f} | {llm['wall_s']:.1f} | {llm['wall_s'] / gpt['wall_s']:.2f}x | {memory} |")
     sources = "; ".join(f"{device}: {_source(meta)}" for device, meta in sorted(meta_by_device.items()))
     return "\n".join(lines) + f"\n\n_Source: {sources}._\n"
 
@@ -262,6 +275,8 @@ def main() -> None:
     parser.add_argument("--model-windows", type=int, default=64)
     parser.add_argument("--model-seq-len", type=int, default=2048)
     parser.add_argument("--model-dtypes", default="float32", help="comma-separated dtypes of the whole model (e.g. float32,bfloat16)")
+    parser.add_argument("--preactivations", default="auto",
+                        help="comma-separated SparseLLMConfig.preactivations settings, one sparsellm run of the whole model each")
     parser.add_argument("--name", default=NAME, help=f"results/NAME.json (default {NAME})")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder (default benchmarks/results)")
     args = parser.parse_args()
@@ -298,7 +313,7 @@ def main() -> None:
         payload["whole_model"] = [r for r in payload.get("whole_model", []) if torch.device(r["device"]).type != device_type] + [
             row for dtype in args.model_dtypes.split(",") for row in whole_model(
                 args.model_shape, args.model_layers, args.model_windows, args.model_seq_len, args.patterns.split(",")[0],
-                args.device, dtype)]
+                args.device, dtype, tuple(args.preactivations.split(",")))]
         payload.setdefault("whole_model_meta_by_device", {})[device_type] = payload["meta"]
         write_json(args.name, payload, args.out)
     print(f"wrote {path}")

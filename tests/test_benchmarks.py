@@ -174,7 +174,8 @@ def test_coordinator_scale_benchmark_smoke(tmp_path, monkeypatch) -> None:
 
     monkeypatch.setattr(sys, "argv", ["bench_coordinator_scale", "--widths", "64x128", "--tokens", "512", "--patterns",
                                       "2:4", "--threads", "1", "--count-ops", "--whole-model", "--model-shape", "64x128", "--model-layers",
-                                      "1", "--model-windows", "2", "--model-seq-len", "32", "--out", str(tmp_path)])
+                                      "1", "--model-windows", "2", "--model-seq-len", "32", "--preactivations",
+                                      "keep,recompute", "--out", str(tmp_path)])
     bench_coordinator_scale.main()
     data = json.loads((tmp_path / "coordinator_scale.json").read_text())
     (row,) = data["rows"]
@@ -183,10 +184,15 @@ def test_coordinator_scale_benchmark_smoke(tmp_path, monkeypatch) -> None:
         assert key in row
     assert (row["d_model"], row["d_ff"], row["tokens"], row["device"]) == (64, 128, 512, "cpu")
     assert row["sparsellm_error"] <= row["sparsegpt_error"] and row["sparsellm_profile"]["ops"] > row["sparsegpt_profile"]["ops"] > 0
-    assert [r["method"] for r in data["whole_model"]] == ["sparsegpt", "sparsellm"]
+    whole = data["whole_model"]
+    assert [(r["method"], r["preactivations"]) for r in whole] == [("sparsegpt", None), ("sparsellm", "keep"),
+                                                                   ("sparsellm", "recompute")]
+    assert all(r["predicted_gb"] > 0 for r in whole) and whole[1]["predicted_gb"] > whole[0]["predicted_gb"]
     table = bench_coordinator_scale.table(tmp_path)
-    assert "| 64 x 128 | synthetic | 512 | 2:4 |" in table and "| Llama 64x128 (1) | 64 | 2:4 | cpu | float32 |" in table
-    assert row["sparsellm_peak_gb"] >= 0 and data["whole_model"][0]["peak_resident_gb"] > 0
+    assert "| 64 x 128 | synthetic | 512 | 2:4 |" in table
+    assert "| Llama 64x128 (1) | 64 | 2:4 | cpu | float32 | keep |" in table
+    assert "| Llama 64x128 (1) | 64 | 2:4 | cpu | float32 | recompute |" in table
+    assert row["sparsellm_peak_gb"] >= 0 and whole[0]["peak_resident_gb"] > 0
 
 
 def test_distributed_benchmark_smoke(tmp_path, monkeypatch, tiny_folder) -> None:

@@ -146,6 +146,7 @@ def test_float32_model_and_inner_admm_solver() -> None:
         ({"sparsity": 0.5, "prox": "exact"}, "prox must be"),
         ({"sparsity": 0.5, "refine": "lsqr"}, "refine must be one of"),
         ({"sparsity": 0.5, "reselect_mask": False, "refine": "none"}, "keeps the masks"),
+        ({"sparsity": 0.5, "preactivations": "drop"}, "preactivations must be one of"),
     ],
 )
 def test_bad_arguments(kwargs: dict, message: str) -> None:
@@ -209,10 +210,11 @@ def test_lending_the_last_activation_to_the_passes_changes_no_iterate(build: obj
 @pytest.mark.parametrize("build", [relu_mlp, gated_mlp], ids=["relu3", "gated"])
 def test_preactivations_recomputed_after_the_start_and_released_in_the_last_pass_change_no_iterate(
         build: object, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Off the CPU the dense pre-activations are not held through the one-shot start but computed again
-    after it, and the last pass releases each once its cross-covariance is taken and allocates its
-    activation only then: the weights, errors and objective trace are bit-identical to keeping them,
-    and neither the start nor the end of the last pass holds any."""
+    """With ``preactivations="recompute"`` (the default off the CPU) the dense pre-activations are not
+    held through the one-shot start but computed again after it, and the last pass releases each once
+    its cross-covariance is taken and allocates its activation only then: the weights, errors and
+    objective trace are bit-identical to keeping them, and neither the start nor the end of the last
+    pass holds any."""
     from sparsesolve.core import coordinator
 
     dense, x = build(12), correlated_inputs(400, 16, seed=12)
@@ -238,12 +240,12 @@ def test_preactivations_recomputed_after_the_start_and_released_in_the_last_pass
         held.append(("lend", sum(p is not None for ps in self.pres for p in ps), self.acts[-1] is None))
         return original_lend(self)
 
-    monkeypatch.setattr(coordinator, "recompute_preactivations", lambda device: True)
     monkeypatch.setattr(coordinator.CoordinatorState, "__init__", init)
     monkeypatch.setattr(coordinator.CoordinatorState, "_lend", lend)
     monkeypatch.setattr(coordinator, "layerwise", holding("start", original_start))
     monkeypatch.setattr(coordinator, "sequential_pass", holding("pass", original_pass))
-    lean = ss.prune(copy.deepcopy(dense), x, method="sparsellm", pattern="0.7", iterations=3, trace=True)
+    lean = ss.prune(copy.deepcopy(dense), x, method="sparsellm", pattern="0.7", iterations=3, trace=True,
+                    preactivations="recompute")
     stored = sum(len(stage.linears) for stage in ss.Chain.from_module(dense).stages[:-1])
     # the last pass allocates its activation anew, after its pre-activations are gone
     assert held == [("lend", 0, False), ("start", 0), ("lend", stored, False), ("pass", stored),
@@ -252,6 +254,15 @@ def test_preactivations_recomputed_after_the_start_and_released_in_the_last_pass
     assert [h["objective_trace"] for h in lean.history] == [h["objective_trace"] for h in kept.history]
     for name, solution in lean.solutions.items():
         assert torch.equal(solution.weight, kept.solutions[name].weight), name
+
+
+def test_the_preactivations_option_decides_by_device_only_when_auto() -> None:
+    from sparsesolve.core.coordinator import recompute_preactivations
+
+    assert not recompute_preactivations("cpu") and recompute_preactivations("cuda")
+    assert recompute_preactivations("cpu", "recompute") and not recompute_preactivations("cuda", "keep")
+    with pytest.raises(ValueError, match="preactivations must be one of auto, keep, recompute"):
+        recompute_preactivations("cpu", "drop")
 
 
 def test_a_pass_writes_the_last_input_where_it_is_told() -> None:

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, BertConfig
 
 import sparsesolve as ss
 from benchmarks.architecture_census import tiny_config
-from sparsesolve.core.config import PruneConfig
+from sparsesolve.core.config import PruneConfig, SparseLLMConfig
 from sparsesolve.core.patterns import Unstructured, parse_pattern
 from sparsesolve.lm.adapters import get_adapter
 from sparsesolve.lm.decoder import prune_decoder, select_layers
@@ -215,6 +215,25 @@ def test_resume_from_checkpoints_gives_the_same_weights(tmp_path) -> None:
     with pytest.raises(ValueError, match=r"different settings \(allocation_range\)"):
         prune_decoder(tiny_model("llama", layers=3), windows, PruneConfig("0.6", method="sparsellm"),
                       checkpoint_dir=tmp_path, resume=True, progress=False)
+
+
+def test_checkpoints_resume_whether_the_preactivations_are_kept_or_recomputed(tmp_path) -> None:
+    """``preactivations`` moves memory, not weights: a run that kept them resumes recomputing them, to the
+    weights of a straight run."""
+    windows = calibration()
+
+    def config(preactivations: str) -> PruneConfig:
+        return PruneConfig("0.6", method="sparsellm",
+                           sparsellm=SparseLLMConfig.for_language_models(preactivations=preactivations))
+
+    straight = tiny_model("llama", layers=2)
+    prune_decoder(straight, windows, config("keep"), checkpoint_dir=tmp_path, progress=False)
+    (tmp_path / "layer_0001.pt").unlink()
+    resumed = tiny_model("llama", layers=2)
+    result = prune_decoder(resumed, windows, config("recompute"), checkpoint_dir=tmp_path, resume=True, progress=False)
+    assert result.resumed_layers == [0]
+    for (name, p), q in zip(straight.named_parameters(), resumed.parameters()):
+        assert torch.equal(p, q), name
 
 
 def test_a_setting_missing_from_an_old_manifest_counts_as_its_default(tmp_path) -> None:

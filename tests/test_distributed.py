@@ -287,6 +287,12 @@ def test_the_memory_model_divides_what_is_per_token_by_the_ranks(tiny_folder: Pa
     gpu = pruning_memory_of(tiny_folder, tokens=tokens, method="sparsellm", device="cuda")
     assert gpu["workspace"] == one["workspace"] and gpu["candidates"] == 3 * 64 * 256 * 4
     assert gpu["statistics"] == 0                    # the tiny model is float32: its dense weights need no copy
+    # the option moves the CPU onto the GPU's phases and back (the update chunks stay the device's own)
+    phases = ("workspace", "statistics", "candidates")
+    recompute = pruning_memory_of(tiny_folder, tokens=tokens, method="sparsellm", preactivations="recompute")
+    keep = pruning_memory_of(tiny_folder, tokens=tokens, method="sparsellm", device="cuda", preactivations="keep")
+    assert [recompute[k] for k in phases] == [gpu[k] for k in phases] and recompute["chunks"] == one["chunks"]
+    assert [keep[k] for k in phases] == [one[k] for k in phases] and keep["chunks"] == gpu["chunks"]
     # with more iterations, the passes before the last keep every auxiliary and two candidates
     four = pruning_memory_of(tiny_folder, tokens=tokens, method="sparsellm", device="cuda", iterations=4)
     assert four["workspace"] == one["workspace"] and four["statistics"] == one["statistics"]

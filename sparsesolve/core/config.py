@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from sparsesolve.core.quantize import GroupQuantizer
 
 __all__ = ["ALLOCATIONS", "ALLOCATION_UNITS", "CG_TOL", "COORDINATED_FFN_SCALE", "DEFAULT_CHUNK", "LOCAL_NEWTON_STEPS",
-           "MASK_SCOPES", "METHODS", "REFINEMENTS",
+           "MASK_SCOPES", "METHODS", "PREACTIVATIONS", "REFINEMENTS",
            "SOLVER_NAMES", "STORAGE_DTYPES", "UPDATE_BLOCK", "UPDATE_BLOCK_DEVICE",
            "PruneConfig", "SparseLLMConfig", "default_ffn_scale", "option"]
 
@@ -33,6 +33,9 @@ METHODS = ("sparsellm", *SOLVER_NAMES)
 REFINEMENTS = ("cg", "exact", "none")
 #: storage of the SparseLLM coordinator's auxiliaries when activations are stored in float32
 AUX_DTYPES = ("inherit", "bfloat16")
+#: what the SparseLLM coordinator does with the dense pre-activations during its one-shot start
+#: (``SparseLLMConfig.preactivations``)
+PREACTIVATIONS = ("auto", "keep", "recompute")
 #: relative residual at which a conjugate-gradient refit stops: on SmolLM2's layer 1 (up and down, 50 % to
 #: 90 % and 2:4) it leaves a relative objective gap of at most 2.2e-5 to the exact refit after 8-21
 #: iterations (tests/test_cg_refit.py asserts 1e-4).
@@ -117,6 +120,11 @@ class SparseLLMConfig:
     aux_dtype: str = option("inherit", "dtype of the stored auxiliaries (pre-activations, activations) when "
                                        "activations are stored in float32: inherit (float32) or bfloat16 (half "
                                        "their memory; every solve and product stays float32)", choices=AUX_DTYPES)
+    preactivations: str = option("auto", "the FFN's dense pre-activations during the one-shot start: keep them from "
+                                         "the dense forward, or recompute them after it (one more forward of gate and "
+                                         "up; two tokens x d_ff arrays less at the start's peak for a gated FFN); auto: "
+                                         "recompute off the CPU, where memory is short and that forward cheap. The "
+                                         "weights are the same either way", choices=PREACTIVATIONS)
 
     def __post_init__(self) -> None:
         if not isinstance(self.iterations, int) or self.iterations < 0:
@@ -144,6 +152,8 @@ class SparseLLMConfig:
             raise ValueError(f"ridge_below must be in (0, 1] or None, got {self.ridge_below!r}")
         if self.aux_dtype not in AUX_DTYPES:
             raise ValueError(f"aux_dtype must be one of {', '.join(AUX_DTYPES)}, got {self.aux_dtype!r}")
+        if self.preactivations not in PREACTIVATIONS:
+            raise ValueError(f"preactivations must be one of {', '.join(PREACTIVATIONS)}, got {self.preactivations!r}")
         if not self.reselect_mask and self.refine == "none":
             raise ValueError("reselect_mask=False keeps the masks and only refits: choose refine 'cg' or 'exact'")
 

@@ -40,7 +40,8 @@ computed again from the dense weights after the one-shot start, the same values,
 forward of the stages before the output linear (``2 N d d_ff`` multiply-adds for a gated FFN: by
 count about 0.4 s of an H100 at 7B width and 131,072 tokens). Neither the start nor the end of the
 last pass then holds them (earlier passes keep them for the next iteration). On the CPU, where that
-forward is about 9 % of the FFN's per-token work (README), they stay stored.
+forward is about 9 % of the FFN's per-token work (README), they stay stored by default
+(``config.preactivations`` chooses either way on any device).
 
 Only the ratios ``beta / gamma`` and ``alpha / gamma`` matter: scaling all three by a common factor
 leaves every update unchanged.
@@ -72,7 +73,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sparsesolve.core.chain import Chain, LinearMap, apply_linear
-from sparsesolve.core.config import UPDATE_BLOCK, UPDATE_BLOCK_DEVICE, PruneConfig, SparseLLMConfig
+from sparsesolve.core.config import PREACTIVATIONS, UPDATE_BLOCK, UPDATE_BLOCK_DEVICE, PruneConfig, SparseLLMConfig
 from sparsesolve.core.distributed import reduce_count
 from sparsesolve.core.linalg import compute_dtype_for, damped_cholesky, plus_diagonal
 from sparsesolve.core.patterns import Pattern, Patterns, pattern_for
@@ -88,11 +89,14 @@ __all__ = ["ChainResult", "CoordinatorState", "HeldOut", "sparsellm", "prune_cha
 REFINE_ITER_MAX = 4
 
 
-def recompute_preactivations(device: torch.device | str) -> bool:
+def recompute_preactivations(device: torch.device | str, preactivations: str = "auto") -> bool:
     """Whether the coordinator computes the dense pre-activations after the one-shot start instead of
-    keeping them from the dense forward (module docstring): off the CPU, where memory is what is short
-    and the extra forward is cheap (``lm.memory`` reads the same rule)."""
-    return torch.device(device).type != "cpu"
+    keeping them from the dense forward (module docstring), for ``SparseLLMConfig.preactivations``:
+    ``"recompute"``, ``"keep"``, or ``"auto"``: off the CPU, where memory is what is short and the extra
+    forward is cheap (``lm.memory`` reads the same rule)."""
+    if preactivations not in PREACTIVATIONS:
+        raise ValueError(f"preactivations must be one of {', '.join(PREACTIVATIONS)}, got {preactivations!r}")
+    return preactivations == "recompute" or (preactivations == "auto" and torch.device(device).type != "cpu")
 
 
 @dataclass
@@ -401,7 +405,7 @@ def sparsellm(
     held = _held_out(chain, heldout, chunk_size, dtype)
     aux = getattr(torch, config.aux_storage(str(storage).removeprefix("torch.")))
     state = CoordinatorState(chain, inputs, dtype, aux, chunk_size, config.alpha, config.beta, config.gamma,
-                             token_weights, keep_preactivations=not recompute_preactivations(inputs.device))
+                             token_weights, keep_preactivations=not recompute_preactivations(inputs.device, config.preactivations))
     reference = squared_norm(state.target, chunk_size, token_weights)
 
     start = layerwise(chain, inputs, pattern, solver, state.target, solver_options=options, dtype=dtype, storage_dtype=storage,

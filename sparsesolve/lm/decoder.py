@@ -335,6 +335,8 @@ def _prune_layers(model: nn.Module, calibration: torch.Tensor, config: PruneConf
     settings = {"model": getattr(model.config, "_name_or_path", ""), "model_type": model.config.model_type,
                 **config.to_dict(), "layers": chosen, "device": None, "batch_size": None,
                 "calibration": _fingerprint(calibration), "storage_dtype": str(storage)}
+    if settings["sparsellm"] is not None:   # where the pre-activations live changes memory, not the weights
+        settings["sparsellm"] = {k: v for k, v in settings["sparsellm"].items() if k != "preactivations"}
     distributed.agree({**settings, "calibration": None, "seq_len": calibration.shape[1], "resume": resume,
                        "checkpoint_dir": None if checkpoint_dir is None else str(Path(checkpoint_dir).absolute())})
     widest = max(lin.weight.shape[1] for lin in adapter.layer_map(model, chosen[0]).linears)

@@ -26,15 +26,16 @@ loaded) holds, at the peak, which is the FFN step:
   allocation trace of the 7B-shaped run found them at the peak).
 - ``layer``: the layer's weights, ``P b``.
 
-sparsellm's peak is the largest of its phases (``coordinator`` module docstring: off the CPU the
-pre-activations are computed after the start instead of kept through it, the last pass releases
-them stage by stage and allocates its activation after them), in ``A = n f a`` units of auxiliary:
+sparsellm's peak is the largest of its phases (``coordinator`` module docstring: off the CPU, or
+with ``preactivations="recompute"``, the pre-activations are computed after the start instead of
+kept through it; the last pass releases them stage by stage and allocates its activation after
+them), in ``A = n f a`` units of auxiliary:
 
-- the one-shot start: the lent activation and, on the CPU, the kept pre-activations, ``(1 + g) A``
-  (off the CPU ``A``), with ``S``;
-- the auxiliary updates: ``(g + 1) A`` with ``W0`` (off the CPU, for a model not stored in float32,
-  also ``g d f c``: the dense weights of gate and up in float32 while the pre-activations are
-  computed again);
+- the one-shot start: the lent activation and the kept pre-activations, ``(1 + g) A`` (``A`` when
+  they are computed again), with ``S``;
+- the auxiliary updates: ``(g + 1) A`` with ``W0`` (when the pre-activations are computed again
+  and the model is not stored in float32, also ``g d f c``: the dense weights of gate and up in
+  float32 meanwhile);
 - the last pass, solving gate and up: ``g A`` with ``S0``, ``W0 + R``;
 - the last pass, solving the output linear: ``A`` with ``S``, ``W0 + R``;
 - with more than one iteration, the passes before the last keep every auxiliary: ``(g + 1) A`` with
@@ -68,12 +69,14 @@ _BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8}
 def pruning_memory(*, tokens: int, d_model: int, d_ff: int, layer_params: int, model_params: int, ranks: int = 1,
                    storage_bytes: int = 2, param_bytes: int = 2, gated: bool = True, method: str = "sparsellm",
                    chunk_size: int | None = DEFAULT_CHUNK, device: str = "cpu",
-                   aux_bytes: int | None = None, iterations: int | None = None) -> dict[str, float]:
+                   aux_bytes: int | None = None, iterations: int | None = None,
+                   preactivations: str = "auto") -> dict[str, float]:
     """Bytes per rank by term (module docstring) and their ``total``; ``model`` is the whole model's
     parameters in ``param_bytes`` (held once per rank process, not in ``total``); ``device``: the
     device type the layer is pruned on (it sets sparsellm's update chunks and phases); ``aux_bytes``:
     bytes per stored auxiliary (None: the language-model default, module docstring); ``iterations``:
-    sparsellm's (None: the language-model default, one)."""
+    sparsellm's (None: the language-model default, one); ``preactivations``: sparsellm's
+    ``SparseLLMConfig.preactivations`` (``"auto"``: recomputed off the CPU)."""
     n, d, f, s, c = math.ceil(tokens / ranks), d_model, d_ff, storage_bytes, _COMPUTE
     a = aux_bytes or _BYTES.get(SparseLLMConfig.for_language_models().aux_storage(_NAMES.get(s, "")), s)
     g = 2 if gated else 1
@@ -83,7 +86,7 @@ def pruning_memory(*, tokens: int, d_model: int, d_ff: int, layer_params: int, m
     full, first = 3 * f * f * c + 3 * d * f * c, 3 * d * d * c + 3 * d * f * c
     start, refit = (g + 1) * d * f * param_bytes, 5 * d * f * c
     if coordinated:
-        kept = 0 if recompute_preactivations(device) else g     # pre-activations kept through the start
+        kept = 0 if recompute_preactivations(device, preactivations) else g    # pre-activations kept through the start
         recompute = 0 if kept or param_bytes == c else g * d * f * c
         phases = [(1 + kept, full, 0), (g + 1, recompute, start), (g, first, start + refit), (1, full, start + refit)]
         if (SparseLLMConfig.for_language_models().iterations if iterations is None else iterations) > 1:
@@ -108,7 +111,7 @@ def pruning_memory(*, tokens: int, d_model: int, d_ff: int, layer_params: int, m
 def pruning_memory_of(folder: str | Path, *, tokens: int, ranks: int = 1, method: str = "sparsellm",
                       storage_bytes: int | None = None, chunk_size: int | None = DEFAULT_CHUNK,
                       device: str = "cpu", aux_bytes: int | None = None,
-                      iterations: int | None = None) -> dict[str, float]:
+                      iterations: int | None = None, preactivations: str = "auto") -> dict[str, float]:
     """``pruning_memory`` for the model in ``folder`` (its ``config.json``; parameters counted from its
     safetensors), stored in its own dtype unless ``storage_bytes`` is given."""
     from safetensors import safe_open
@@ -129,4 +132,4 @@ def pruning_memory_of(folder: str | Path, *, tokens: int, ranks: int = 1, method
     return pruning_memory(tokens=tokens, d_model=text["hidden_size"], d_ff=d_ff, layer_params=layer_params,
                           model_params=sum(sizes.values()), ranks=ranks, storage_bytes=storage_bytes or dtype_bytes,
                           param_bytes=dtype_bytes, gated=gated, method=method, chunk_size=chunk_size, device=device,
-                          aux_bytes=aux_bytes, iterations=iterations)
+                          aux_bytes=aux_bytes, iterations=iterations, preactivations=preactivations)
