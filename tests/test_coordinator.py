@@ -256,6 +256,54 @@ def test_preactivations_recomputed_after_the_start_and_released_in_the_last_pass
         assert torch.equal(solution.weight, kept.solutions[name].weight), name
 
 
+@pytest.mark.parametrize("preactivations", ["keep", "recompute"])
+@pytest.mark.parametrize("kind", ["relu", "gated"])
+def test_the_last_iteration_of_an_ffn_runs_in_one_sweep_that_stores_no_auxiliary_and_changes_no_iterate(
+        kind: str, preactivations: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the objective trace, the last iteration of a two-stage chain updates the auxiliaries and
+    takes the first stage's cross-covariances in one sweep (``fused_updates``): float32 chain with
+    biases, bfloat16 auxiliaries, token weights, two iterations. The weights, errors and escalations are
+    those of the stored updates (forced here by the trace), and when the last pass asks for its
+    activation no auxiliary is stored any more."""
+    from sparsesolve.core import coordinator
+
+    torch.manual_seed(3)
+    module = (nn.Sequential(nn.Linear(16, 48), nn.ReLU(), nn.Linear(48, 16)) if kind == "relu"
+              else nn.Sequential(ss.GatedMLP(16, 48)))
+    for linear in (m for m in module.modules() if isinstance(m, nn.Linear) and m.bias is not None):
+        nn.init.normal_(linear.bias, std=0.3)
+    x = correlated_inputs(400, 16, seed=13).float()
+    token_weights = torch.rand(400, generator=torch.Generator().manual_seed(4)) + 0.5
+    runs, lent = {}, []
+    original_lend = coordinator.CoordinatorState._lend
+
+    def lend(self) -> torch.Tensor:
+        lent.append((sum(p is not None for ps in self.pres for p in ps), sum(a is not None for a in self.acts)))
+        return original_lend(self)
+
+    original_fused, sweeps = coordinator.CoordinatorState.fused_updates, []
+
+    def fused_updates(self, *args, **kwargs) -> object:
+        sweeps.append(trace)
+        return original_fused(self, *args, **kwargs)
+
+    monkeypatch.setattr(coordinator.CoordinatorState, "_lend", lend)
+    monkeypatch.setattr(coordinator.CoordinatorState, "fused_updates", fused_updates)
+    for trace in (True, False):
+        lent.clear()
+        runs[trace] = coordinator.sparsellm(ss.Chain.from_module(copy.deepcopy(module)), x, parse_pattern("0.6"),
+                                            iterations=2, alpha=0.1, prox="local", aux_dtype="bfloat16", trace=trace,
+                                            preactivations=preactivations, token_weights=token_weights)
+        if not trace:   # the start's and the first pass's lending hold what they did; the last pass's, nothing
+            assert lent[-1] == (0, 0) and lent[1][0] == (2 if kind == "gated" else 1)
+    assert sweeps == [False]        # once, in the last iteration without the trace
+    stored, fused = runs[True], runs[False]
+    assert fused.error == stored.error and fused.start_error == stored.start_error
+    assert [h["ridge_escalations"] for h in fused.history] == [h["ridge_escalations"] for h in stored.history]
+    for name, solution in fused.solutions.items():
+        assert torch.equal(solution.weight, stored.solutions[name].weight), name
+
+
 def test_the_preactivations_option_decides_by_device_only_when_auto() -> None:
     from sparsesolve.core.coordinator import recompute_preactivations
 

@@ -278,15 +278,16 @@ def test_the_memory_model_divides_what_is_per_token_by_the_ranks(tiny_folder: Pa
     assert one["workspace"] == 3 * tokens * 256 * 2 + tokens * 64 * 4
     float32 = pruning_memory_of(tiny_folder, tokens=tokens, method="sparsellm", aux_bytes=4)
     assert float32["workspace"] == 3 * tokens * 256 * 4 + tokens * 64 * 4
-    assert one["chunks"] == 8 * 8192 * 256 * 4   # the update chunks (8,192 x 256 is below UPDATE_BLOCK values)
+    assert one["chunks"] == 11 * 8192 * 256 * 4  # the update chunks (8,192 x 256 is below UPDATE_BLOCK values)
     # on the CPU the peak is the one-shot start: the kept pre-activations, the lent activation and the
     # output linear's statistics, before any candidate exists
     assert one["statistics"] == 3 * 256 * 256 * 4 + 3 * 64 * 256 * 4 and one["candidates"] == 0
-    # off the CPU the pre-activations are computed after the start: the auxiliary updates are the peak,
-    # with the three auxiliaries and the start's three weights (the pass holds only some auxiliaries)
+    # off the CPU the pre-activations are computed after the start and the last iteration stores no
+    # auxiliary: the peak is the output linear's solve, with the pass's activation, the start's three
+    # weights and the refit's arrays, as for a layer-wise method plus those
     gpu = pruning_memory_of(tiny_folder, tokens=tokens, method="sparsellm", device="cuda")
-    assert gpu["workspace"] == one["workspace"] and gpu["candidates"] == 3 * 64 * 256 * 4
-    assert gpu["statistics"] == 0                    # the tiny model is float32: its dense weights need no copy
+    assert gpu["workspace"] == tokens * 256 * 2 + tokens * 64 * 4 and gpu["candidates"] == (3 + 5) * 64 * 256 * 4
+    assert gpu["statistics"] == one["statistics"]
     # the option moves the CPU onto the GPU's phases and back (the update chunks stay the device's own)
     phases = ("workspace", "statistics", "candidates")
     recompute = pruning_memory_of(tiny_folder, tokens=tokens, method="sparsellm", preactivations="recompute")

@@ -242,6 +242,11 @@ class CoordinatorState:
         """Drop ``z_{l,j}`` once nothing reads it again (the last pass has taken its cross-covariance)."""
         self.pres[l][j] = None
 
+    def release_auxiliaries(self) -> None:
+        """Drop every stored auxiliary (after ``fused_updates``, nothing reads them again)."""
+        self.pres = [[None] * len(ps) for ps in self.pres]
+        self.acts = [None] * len(self.acts)
+
     def update_chunk(self, width: int) -> int:
         """Tokens per chunk of the elementwise updates of a stage ``width`` wide: ``chunk_size`` capped so
         that a chunk holds at most ``UPDATE_BLOCK`` values (``UPDATE_BLOCK_DEVICE`` off the CPU)."""
@@ -308,7 +313,17 @@ class CoordinatorState:
         return float(accumulate(self.n, self.chunk, part))
 
     def update_activation(self, l: int, weights: list[list[torch.Tensor]]) -> int:
-        """Ridge update of ``a_l`` against the next stage's targets and ``psi_l(z_l)``; returns escalations.
+        """Ridge update of ``a_l`` against the next stage's targets and ``psi_l(z_l)`` (``activation_step``),
+        stored; returns escalations."""
+        step, escalations = self.activation_step(l, weights)
+        stage = self.chain.stages[l]
+        map_tokens(self.n, self.update_chunk(self.acts[l].shape[1]),
+                   lambda c: step(stage.activate([p[c].to(self.dtype) for p in self.pres[l]]), c), self.acts[l])
+        return escalations
+
+    def activation_step(self, l: int, weights: list[list[torch.Tensor]]) -> tuple[Callable[[torch.Tensor, slice], torch.Tensor], int]:
+        """``(step, escalations)``: ``step(psi, c)`` is the ridge update of ``a_l`` on tokens ``c`` given
+        ``psi = psi_l(z_l[c])`` (compute dtype).
 
         With the next stage's weights stacked as ``W`` (``O x n``) and its targets minus biases as ``T``
         (``N x O``), the minimiser of ``w ||T - a W^T||^2 + gamma ||a - psi||^2`` is the residual
@@ -327,17 +342,51 @@ class CoordinatorState:
         bias = None if all(b is None for b in biases) else torch.cat(
             [torch.zeros(w.shape[0], dtype=self.dtype, device=w.device) if b is None else b.to(self.dtype)
              for b, w in zip(biases, weights[l + 1])])
-        stage, targets = self.chain.stages[l], self.stage_targets(l + 1)
+        targets = self.stage_targets(l + 1)
 
-        def solve(c: slice) -> torch.Tensor:
-            psi = stage.activate([p[c].to(self.dtype) for p in self.pres[l]])
+        def step(psi: torch.Tensor, c: slice) -> torch.Tensor:
             residual = torch.cat([t[c].to(self.dtype) for t in targets], dim=1) - psi @ stacked.T
             if bias is not None:
                 residual = residual - bias
             return psi + residual @ coupling
 
-        map_tokens(self.n, self.update_chunk(self.acts[l].shape[1]), solve, self.acts[l])
-        return chol.escalations
+        return step, chol.escalations
+
+    def fused_updates(self, weights: list[list[torch.Tensor]], local_steps: int | None = None) -> tuple[list[torch.Tensor], int]:
+        """The last iteration's auxiliary updates of a two-stage chain (an FFN) in one sweep over the
+        tokens that stores nothing: per chunk the activation update (``activation_step``), the
+        pre-activation update, and the cross-covariances ``(z_j - b_j)^T X`` of the new pre-activations
+        with the chain's inputs, which is all the last pass reads of the auxiliaries (the first stage's
+        input is ``X`` in every pass). Each value is rounded to the storage dtype where the stored updates
+        store it, so the results are theirs up to the order of the cross-covariances' sums (the same for
+        the same chunks). The dense pre-activations are read where stored, else computed chunk by chunk
+        from the dense weights. Returns the cross-covariances (``m_j x n`` per linear of the first stage)
+        and the ridge escalations."""
+        stage = self.chain.stages[0]
+        step, escalations = self.activation_step(0, weights)
+        dense = self._dense_weights(1)[0] if any(p is None for p in self.pres[0]) else None
+        widths = [w.shape[0] for w in weights[0]]
+        biases = [lin.bias for lin in stage.linears]
+        bias = None if all(b is None for b in biases) else torch.cat(
+            [torch.zeros(m, dtype=self.dtype, device=self.inputs.device) if b is None else b.to(self.dtype)
+             for b, m in zip(biases, widths)])
+
+        def stored(values: torch.Tensor) -> torch.Tensor:
+            return values.to(self.storage).to(self.dtype)
+
+        def part(c: slice) -> torch.Tensor:
+            x = self.inputs[c].to(self.dtype)
+            z = ([p[c].to(self.dtype) for p in self.pres[0]] if dense is None
+                 else [stored(apply_linear(x, w, lin)) for lin, w in zip(stage.linears, dense)])
+            a = stored(step(stage.activate(z), c))
+            maps = [apply_linear(x, w, lin) for lin, w in zip(stage.linears, weights[0])]
+            new = torch.cat([stored(v) for v in stage.prox(maps, z, a, self.alpha, self.gamma, local_steps=local_steps)], dim=1)
+            if bias is not None:
+                new = new - bias
+            return weigh(new, self.weights, c).T @ weigh(x, self.weights, c)
+
+        crosses = accumulate(self.n, self.update_chunk(max(widths)), part)
+        return list(crosses.split(widths)), escalations
 
     def update_preactivation(self, l: int, weights: list[list[torch.Tensor]], local_steps: int | None = None) -> None:
         """Elementwise proximal update of the pre-activations ``z_l`` given ``a_l`` (``stage.prox``;
@@ -416,28 +465,35 @@ def sparsellm(
     start_held = best_held = None if held is None else held.error(start.weights)
     current = start
     history: list[dict[str, Any]] = []
+    local_steps = config.prox_steps if config.prox == "local" else None
     for iteration in tqdm(range(1, config.iterations + 1), desc="sparsellm", disable=not progress):
         tick = time.perf_counter()
         weights = current.weights
-        state.restore_preactivations()
         objective_trace: list[tuple[str, float]] = []
+        crosses: list[torch.Tensor] | None = None
+        if iteration == config.iterations and state.last == 1 and not config.trace:
+            # the last iteration of an FFN: one sweep, no auxiliary stored (module docstring)
+            crosses, escalations = state.fused_updates(weights, local_steps)
+            state.release_auxiliaries()
+        else:
+            state.restore_preactivations()
 
-        def record(block: str) -> None:
-            if config.trace:
-                objective_trace.append((block, state.objective(weights)))
+            def record(block: str) -> None:
+                if config.trace:
+                    objective_trace.append((block, state.objective(weights)))
 
-        record("weights")
-        escalations = 0
-        for l in range(state.last - 1, -1, -1):
-            escalations += state.update_activation(l, weights)
-            record(f"activation {l}")
-            state.update_preactivation(l, weights, config.prox_steps if config.prox == "local" else None)
-            record(f"preactivation {l}")
+            record("weights")
+            escalations = 0
+            for l in range(state.last - 1, -1, -1):
+                escalations += state.update_activation(l, weights)
+                record(f"activation {l}")
+                state.update_preactivation(l, weights, local_steps)
+                record(f"preactivation {l}")
 
         def solve(l: int, j: int, linear: LinearMap, h: torch.Tensor, acts: torch.Tensor) -> LayerSolution:
             own = pattern_for(pattern, linear.name)
             ridge = config.ridge_at(own.sparsity)
-            cross = state.cross(state.stage_targets(l)[j], linear, acts)
+            cross = crosses[j] if crosses is not None and l == 0 else state.cross(state.stage_targets(l)[j], linear, acts)
             if iteration == config.iterations and l < state.last:
                 state.release_preactivation(l, j)
             if config.trust > 0:

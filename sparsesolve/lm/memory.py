@@ -16,8 +16,8 @@ loaded) holds, at the peak, which is the FFN step:
   activation, whose storage the sequential passes reuse for their own activation) alive at its peak
   phase (below).
 - ``chunks``: per-chunk temporaries: ``3 C f c`` of a pass's forward products and activation; sparsellm's
-  elementwise updates hold ``8 B c`` in chunks of ``B = min(C f, UPDATE_BLOCK)`` values
-  (``UPDATE_BLOCK_DEVICE`` off the CPU), so it takes the larger of the two.
+  elementwise updates hold ``11 B c`` (``UPDATE_TEMPORARIES``) in chunks of ``B = min(C f,
+  UPDATE_BLOCK)`` values (``UPDATE_BLOCK_DEVICE`` off the CPU), so it takes the larger of the two.
 - ``statistics``: the Grams and the solver's factors of the widest linear, ``S = 3 f^2 c + 3 d f c``;
   ``S0 = 3 d^2 c + 3 d f c`` while the linears reading the FFN's input are solved.
 - ``candidates``: sparsellm only: the one-shot start's weights of the FFN's ``g + 1`` linears,
@@ -26,18 +26,21 @@ loaded) holds, at the peak, which is the FFN step:
   allocation trace of the 7B-shaped run found them at the peak).
 - ``layer``: the layer's weights, ``P b``.
 
-sparsellm's peak is the largest of its phases (``coordinator`` module docstring: off the CPU, or
-with ``preactivations="recompute"``, the pre-activations are computed after the start instead of
-kept through it; the last pass releases them stage by stage and allocates its activation after
-them), in ``A = n f a`` units of auxiliary:
+sparsellm's peak is the largest of its phases, for the language-model defaults (``coordinator``
+module docstring: the dense pre-activations are kept from the dense forward or, off the CPU or with
+``preactivations="recompute"``, computed again; the last iteration updates the auxiliaries in one
+sweep that stores none of them, keeping only the cross-covariances of gate and up, ``Q = g d f c``;
+the last pass allocates its activation when it reaches the output linear), in ``A = n f a`` units of
+auxiliary:
 
 - the one-shot start: the lent activation and the kept pre-activations, ``(1 + g) A`` (``A`` when
   they are computed again), with ``S``;
-- the auxiliary updates: ``(g + 1) A`` with ``W0`` (when the pre-activations are computed again
-  and the model is not stored in float32, also ``g d f c``: the dense weights of gate and up in
-  float32 meanwhile);
-- the last pass, solving gate and up: ``g A`` with ``S0``, ``W0 + R``;
-- the last pass, solving the output linear: ``A`` with ``S``, ``W0 + R``;
+- the last iteration's sweep: the kept pre-activations, ``g A`` (none when computed again), with
+  ``3 Q`` (the float64 sums and one chunk's part) and ``W0`` (when the pre-activations are computed
+  again and the model is not stored in float32, also ``g d f c``: the dense weights of gate and up in
+  float32);
+- the last pass, solving gate and up: no auxiliary, ``S0 + Q``, ``W0 + R``;
+- the last pass, solving the output linear: ``A`` (its activation) with ``S``, ``W0 + R``;
 - with more than one iteration, the passes before the last keep every auxiliary: ``(g + 1) A`` with
   ``S``, ``2 W0 + R`` (the start and the best candidate so far).
 
@@ -61,6 +64,9 @@ from sparsesolve.core.coordinator import recompute_preactivations
 __all__ = ["pruning_memory", "pruning_memory_of"]
 
 _COMPUTE = 4
+#: chunk-sized float32 arrays alive at the peak of sparsellm's elementwise updates: 11.2 (stored) and 10.5
+#: (fused) measured as resident memory around one chunk of 2^22 values of a gated FFN (a one-off measurement)
+UPDATE_TEMPORARIES = 11
 #: a storage dtype's name by its bytes per value (2: the language-model default half type), and back
 _NAMES = {2: "bfloat16", 4: "float32", 8: "float64"}
 _BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8}
@@ -88,7 +94,11 @@ def pruning_memory(*, tokens: int, d_model: int, d_ff: int, layer_params: int, m
     if coordinated:
         kept = 0 if recompute_preactivations(device, preactivations) else g    # pre-activations kept through the start
         recompute = 0 if kept or param_bytes == c else g * d * f * c
-        phases = [(1 + kept, full, 0), (g + 1, recompute, start), (g, first, start + refit), (1, full, start + refit)]
+        crosses = g * d * f * c
+        phases = [(1 + kept, full, 0),                              # the one-shot start
+                  (kept, recompute + 3 * crosses, start),           # the fused updates (a float64 sum, a chunk's part)
+                  (0, first + crosses, start + refit),              # the last pass, gate and up
+                  (1, full, start + refit)]                         # the last pass, the output linear
         if (SparseLLMConfig.for_language_models().iterations if iterations is None else iterations) > 1:
             phases.append((g + 1, full, 2 * start + refit))
         arrays, statistics, candidates = max(phases, key=lambda p: p[0] * n * f * a + p[1] + p[2])
@@ -99,7 +109,7 @@ def pruning_memory(*, tokens: int, d_model: int, d_ff: int, layer_params: int, m
         "hidden": n * d * s,
         "ffn_inputs": n * d * s,
         "workspace": workspace + n * d * c,
-        "chunks": max(8 * min(chunk * f, block) if coordinated else 0, 3 * chunk * f) * c,
+        "chunks": max(UPDATE_TEMPORARIES * min(chunk * f, block) if coordinated else 0, 3 * chunk * f) * c,
         "statistics": statistics,
         "candidates": candidates,
         "layer": layer_params * param_bytes,
