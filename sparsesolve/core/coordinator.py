@@ -43,6 +43,16 @@ last pass then holds them (earlier passes keep them for the next iteration). On 
 forward is about 9 % of the FFN's per-token work (README), they stay stored by default
 (``config.preactivations`` chooses either way on any device).
 
+In the last iteration of a two-stage chain (an FFN; without the objective trace) nothing reads the
+auxiliaries after step 1 but the pass's cross-covariances of gate and up with ``X``, which is that
+stage's input in every pass. So step 1 runs there as one sweep over the tokens
+(``CoordinatorState.fused_updates``): per chunk the dense pre-activations (stored, or computed from
+the dense weights), the activation update, the pre-activation update and those cross-covariances;
+no auxiliary is stored, each value is rounded to the storage dtype where the stored updates would
+store it, and the iterates are the same. With the default single iteration the coordinator then
+holds no ``N x d_ff`` array beyond the one a layer-wise method holds (the pruned activation before
+the output linear) but the dense pre-activations, and those only when they are kept.
+
 Only the ratios ``beta / gamma`` and ``alpha / gamma`` matter: scaling all three by a common factor
 leaves every update unchanged.
 
