@@ -304,6 +304,25 @@ def test_the_last_iteration_of_an_ffn_runs_in_one_sweep_that_stores_no_auxiliary
         assert torch.equal(solution.weight, stored.solutions[name].weight), name
 
 
+@pytest.mark.parametrize("preactivations", ["keep", "recompute"])
+def test_the_sweep_in_chunks_that_do_not_align_matches_the_stored_updates(preactivations: str,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """In float64, with 64-token chunks and update chunks of 5 tokens (which do not divide 64), the sweep
+    and the stored updates sum the cross-covariances over different chunks: the results agree to
+    rounding."""
+    from sparsesolve.core import coordinator
+
+    monkeypatch.setattr(coordinator, "UPDATE_BLOCK", 5 * 48)
+    dense, x = gated_mlp(5), correlated_inputs(400, 16, seed=5)
+    runs = {trace: coordinator.sparsellm(ss.Chain.from_module(copy.deepcopy(dense)), x, parse_pattern("2:4"), iterations=1,
+                                         alpha=0.1, prox="local", trace=trace, chunk_size=64, preactivations=preactivations)
+            for trace in (True, False)}
+    assert runs[False].error == pytest.approx(runs[True].error, rel=1e-9)
+    for name, solution in runs[False].solutions.items():
+        assert torch.equal(solution.mask, runs[True].solutions[name].mask), name
+        torch.testing.assert_close(solution.weight, runs[True].solutions[name].weight, rtol=1e-9, atol=1e-12)
+
+
 def test_the_preactivations_option_decides_by_device_only_when_auto() -> None:
     from sparsesolve.core.coordinator import recompute_preactivations
 

@@ -49,7 +49,8 @@ stage's input in every pass. So step 1 runs there as one sweep over the tokens
 (``CoordinatorState.fused_updates``): per chunk the dense pre-activations (stored, or computed from
 the dense weights), the activation update, the pre-activation update and those cross-covariances;
 no auxiliary is stored, each value is rounded to the storage dtype where the stored updates would
-store it, and the iterates are the same. With the default single iteration the coordinator then
+store it, and the iterates are the same (to rounding where the sweep's chunks differ from
+``chunk_size``'s: the sums over tokens then run over other chunks). With the default single iteration the coordinator then
 holds no ``N x d_ff`` array beyond the one a layer-wise method holds (the pruned activation before
 the output linear) but the dense pre-activations, and those only when they are kept.
 
@@ -209,7 +210,11 @@ class CoordinatorState:
             self._allocate_preactivations()
         self.acts: list[torch.Tensor | None] = [self._empty(stage.linears[0].weight.shape[0]) for stage in chain.stages[:-1]]
         dense = self._dense_weights()
-        self.target = map_tokens(self.n, chunk_size, lambda c: self._dense_forward(c, dense, keep_preactivations, True),
+        # in the update chunks, as ``fused_updates`` computes the pre-activations: kept or computed again,
+        # they are the same values
+        self.sweep_chunk = self.update_chunk(max((lin.weight.shape[0] for stage in chain.stages[:-1]
+                                                  for lin in stage.linears), default=1))
+        self.target = map_tokens(self.n, self.sweep_chunk, lambda c: self._dense_forward(c, dense, keep_preactivations, True),
                                  torch.empty(self.n, dense[-1][0].shape[0], dtype=dtype, device=inputs.device))
         self.input_gram = gram(inputs, chunk_size, dtype, token_weights)
 
@@ -245,7 +250,7 @@ class CoordinatorState:
             return
         self._allocate_preactivations()
         dense = self._dense_weights(self.last)      # the output linear is not applied
-        for c in token_chunks(self.n, self.chunk):
+        for c in token_chunks(self.n, self.sweep_chunk):
             self._dense_forward(c, dense, True, False)
 
     def release_preactivation(self, l: int, j: int) -> None:
@@ -368,10 +373,13 @@ class CoordinatorState:
         pre-activation update, and the cross-covariances ``(z_j - b_j)^T X`` of the new pre-activations
         with the chain's inputs, which is all the last pass reads of the auxiliaries (the first stage's
         input is ``X`` in every pass). Each value is rounded to the storage dtype where the stored updates
-        store it, so the results are theirs up to the order of the cross-covariances' sums (the same for
-        the same chunks). The dense pre-activations are read where stored, else computed chunk by chunk
-        from the dense weights. Returns the cross-covariances (``m_j x n`` per linear of the first stage)
-        and the ridge escalations."""
+        store it, so the results are theirs, bit for bit when the token chunks coincide; otherwise the
+        cross-covariances are summed over the update chunks instead of ``chunk_size`` tokens, which
+        changes only the rounding. The dense pre-activations, stored or not, are computed over the
+        update chunks (``sweep_chunk``), so keeping or recomputing them gives the same values.
+        The dense pre-activations are read where stored, else computed chunk by chunk from the dense
+        weights. Returns the cross-covariances (``m_j x n`` per linear of the first stage) and the ridge
+        escalations."""
         stage = self.chain.stages[0]
         step, escalations = self.activation_step(0, weights)
         dense = self._dense_weights(1)[0] if any(p is None for p in self.pres[0]) else None
@@ -395,7 +403,7 @@ class CoordinatorState:
                 new = new - bias
             return weigh(new, self.weights, c).T @ weigh(x, self.weights, c)
 
-        crosses = accumulate(self.n, self.update_chunk(max(widths)), part)
+        crosses = accumulate(self.n, self.sweep_chunk, part)
         return list(crosses.split(widths)), escalations
 
     def update_preactivation(self, l: int, weights: list[list[torch.Tensor]], local_steps: int | None = None) -> None:
