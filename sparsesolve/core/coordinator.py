@@ -91,7 +91,7 @@ from sparsesolve.core.patterns import Pattern, Patterns, pattern_for
 from sparsesolve.core.sequential import layerwise, sequential_pass
 from sparsesolve.core.solvers import LayerProblem, LayerSolution, cg_refit, get_solver, refit
 from sparsesolve.core.solvers.row_share import row_separable, solve_rows
-from sparsesolve.core.streaming import accumulate, gram, map_tokens, squared_error, squared_norm, token_chunks, weigh
+from sparsesolve.core.streaming import accumulate, accumulate_products, gram, map_tokens, squared_error, squared_norm, token_chunks, weigh
 
 __all__ = ["ChainResult", "CoordinatorState", "HeldOut", "sparsellm", "prune_chain", "trust_region_cross"]
 
@@ -374,11 +374,11 @@ class CoordinatorState:
         with the chain's inputs, which is all the last pass reads of the auxiliaries (the first stage's
         input is ``X`` in every pass). Each value is rounded to the storage dtype where the stored updates
         store it, so the results are theirs, bit for bit when the token chunks coincide; otherwise the
-        cross-covariances are summed over the update chunks instead of ``chunk_size`` tokens, which
-        changes only the rounding. The dense pre-activations, stored or not, are computed over the
-        update chunks (``sweep_chunk``), so keeping or recomputing them gives the same values.
-        The dense pre-activations are read where stored, else computed chunk by chunk from the dense
-        weights. Returns the cross-covariances (``m_j x n`` per linear of the first stage) and the ridge
+        cross-covariances are summed in update chunks (``streaming.accumulate_products``: in place over
+        runs of about ``chunk_size`` tokens, then in float64), which changes only the rounding. The
+        dense pre-activations are read where stored, else computed from the dense weights; stored or
+        not, they are computed over the update chunks (``sweep_chunk``), so either way they are the same
+        values. Returns the cross-covariances (``m_j x n`` per linear of the first stage) and the ridge
         escalations."""
         stage = self.chain.stages[0]
         step, escalations = self.activation_step(0, weights)
@@ -392,7 +392,7 @@ class CoordinatorState:
         def stored(values: torch.Tensor) -> torch.Tensor:
             return values.to(self.storage).to(self.dtype)
 
-        def part(c: slice) -> torch.Tensor:
+        def part(c: slice) -> tuple[torch.Tensor, torch.Tensor]:
             x = self.inputs[c].to(self.dtype)
             z = ([p[c].to(self.dtype) for p in self.pres[0]] if dense is None
                  else [stored(apply_linear(x, w, lin)) for lin, w in zip(stage.linears, dense)])
@@ -401,9 +401,9 @@ class CoordinatorState:
             new = torch.cat([stored(v) for v in stage.prox(maps, z, a, self.alpha, self.gamma, local_steps=local_steps)], dim=1)
             if bias is not None:
                 new = new - bias
-            return weigh(new, self.weights, c).T @ weigh(x, self.weights, c)
+            return weigh(new, self.weights, c), weigh(x, self.weights, c)
 
-        crosses = accumulate(self.n, self.sweep_chunk, part)
+        crosses = accumulate_products(self.n, self.sweep_chunk, self.chunk, part)
         return list(crosses.split(widths)), escalations
 
     def update_preactivation(self, l: int, weights: list[list[torch.Tensor]], local_steps: int | None = None) -> None:

@@ -15,7 +15,7 @@ import torch
 
 from sparsesolve.core.distributed import reduce
 
-__all__ = ["token_chunks", "accumulate", "map_tokens", "gram", "squared_error", "squared_norm", "weigh"]
+__all__ = ["token_chunks", "accumulate", "accumulate_products", "map_tokens", "gram", "squared_error", "squared_norm", "weigh"]
 
 
 
@@ -46,6 +46,30 @@ def accumulate(n_tokens: int, chunk_size: int | None, fn: Callable[[slice], torc
         part = fn(slice(0, 0))
         total, dtype = part.to(torch.float64), part.dtype
     return reduce(total).to(dtype)
+
+
+def accumulate_products(n_tokens: int, step: int | None, chunk_size: int | None,
+                        fn: Callable[[slice], tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """``sum_c A_c^T B_c`` for ``(A_c, B_c) = fn(c)`` (``c x M`` and ``c x K``) over chunks of ``step`` tokens:
+    added in place in the parts' dtype over runs of at least ``chunk_size`` tokens (None: all of them),
+    as one product over ``chunk_size`` tokens would sum them, and those runs in float64; summed over the
+    ranks when token sharded. For a stream whose per-token work wants smaller chunks than its sums:
+    no ``M x K`` product per chunk is materialised."""
+    total = partial = None
+    since = 0
+    for chunk in list(token_chunks(n_tokens, step)) or [slice(0, 0)]:
+        a, b = fn(chunk)
+        if partial is None:
+            partial = torch.zeros(a.shape[1], b.shape[1], dtype=a.dtype, device=a.device)
+            total = torch.zeros(a.shape[1], b.shape[1], dtype=torch.float64, device=a.device)
+        partial.addmm_(a.T, b)
+        since += chunk.stop - chunk.start
+        if chunk_size is not None and since >= chunk_size:
+            total.add_(partial)
+            partial.zero_()
+            since = 0
+    total.add_(partial)
+    return reduce(total).to(partial.dtype)
 
 
 def map_tokens(

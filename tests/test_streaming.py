@@ -1,0 +1,22 @@
+"""Token-chunked sums: the same totals however the tokens are chunked."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sparsesolve.core.streaming import accumulate_products
+
+
+@pytest.mark.parametrize(("step", "chunk_size"), [(7, 20), (7, None), (50, 20), (None, None), (300, 64)])
+def test_products_summed_in_any_chunks_are_the_products_over_all_tokens(step: int | None, chunk_size: int | None) -> None:
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(203, 9, generator=g), torch.randn(203, 5, generator=g)
+    total = accumulate_products(203, step, chunk_size, lambda c: (a[c], b[c]))
+    assert total.dtype == torch.float32 and total.shape == (9, 5)
+    torch.testing.assert_close(total.double(), a.double().T @ b.double(), rtol=1e-5, atol=1e-5)
+
+
+def test_products_over_no_tokens_are_zeros_of_the_right_shape() -> None:
+    total = accumulate_products(0, 8, 8, lambda c: (torch.empty(c.stop - c.start, 3), torch.empty(c.stop - c.start, 4)))
+    assert torch.equal(total, torch.zeros(3, 4))
