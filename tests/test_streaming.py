@@ -8,13 +8,16 @@ import torch
 from sparsesolve.core.streaming import accumulate_products
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize(("step", "chunk_size"), [(7, 20), (7, None), (50, 20), (None, None), (300, 64)])
-def test_products_summed_in_any_chunks_are_the_products_over_all_tokens(step: int | None, chunk_size: int | None) -> None:
+def test_products_summed_in_any_chunks_are_the_products_over_all_tokens(step: int | None, chunk_size: int | None,
+                                                                        dtype: torch.dtype) -> None:
     g = torch.Generator().manual_seed(0)
-    a, b = torch.randn(203, 9, generator=g), torch.randn(203, 5, generator=g)
+    a, b = torch.randn(203, 9, generator=g, dtype=dtype), torch.randn(203, 5, generator=g, dtype=dtype)
     total = accumulate_products(203, step, chunk_size, lambda c: (a[c], b[c]))
-    assert total.dtype == torch.float32 and total.shape == (9, 5)
-    torch.testing.assert_close(total.double(), a.double().T @ b.double(), rtol=1e-5, atol=1e-5)
+    assert total.dtype == dtype and total.shape == (9, 5)
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(total.double(), a.double().T @ b.double(), rtol=tolerance, atol=tolerance)
 
 
 def test_products_over_no_tokens_are_zeros_of_the_right_shape() -> None:

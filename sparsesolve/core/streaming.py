@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from sparsesolve.core.distributed import reduce
+from sparsesolve.core.distributed import reduce, sharded
 
 __all__ = ["token_chunks", "accumulate", "accumulate_products", "map_tokens", "gram", "squared_error", "squared_norm", "weigh"]
 
@@ -54,21 +54,22 @@ def accumulate_products(n_tokens: int, step: int | None, chunk_size: int | None,
     added in place in the parts' dtype over runs of at least ``chunk_size`` tokens (None: all of them),
     as one product over ``chunk_size`` tokens would sum them, and those runs in float64; summed over the
     ranks when token sharded. For a stream whose per-token work wants smaller chunks than its sums:
-    no ``M x K`` product per chunk is materialised."""
+    no ``M x K`` product per chunk is materialised, and a single run needs no float64 copy."""
     total = partial = None
     since = 0
     for chunk in list(token_chunks(n_tokens, step)) or [slice(0, 0)]:
         a, b = fn(chunk)
         if partial is None:
             partial = torch.zeros(a.shape[1], b.shape[1], dtype=a.dtype, device=a.device)
-            total = torch.zeros(a.shape[1], b.shape[1], dtype=torch.float64, device=a.device)
         partial.addmm_(a.T, b)
         since += chunk.stop - chunk.start
         if chunk_size is not None and since >= chunk_size:
-            total.add_(partial)
+            total = partial.to(torch.float64, copy=True) if total is None else total.add_(partial)
             partial.zero_()
             since = 0
-    total.add_(partial)
+    if total is None and not sharded():
+        return partial              # one run: its sum is the total, and no float64 copy is needed
+    total = partial.double() if total is None else total.add_(partial)
     return reduce(total).to(partial.dtype)
 
 
