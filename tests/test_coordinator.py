@@ -257,46 +257,62 @@ def test_preactivations_recomputed_after_the_start_and_released_in_the_last_pass
 
 
 @pytest.mark.parametrize("preactivations", ["keep", "recompute"])
-@pytest.mark.parametrize("kind", ["relu", "gated"])
+@pytest.mark.parametrize("kind", ["relu", "gated", "relu3"])
 def test_the_last_iteration_of_an_ffn_runs_in_one_sweep_that_stores_no_auxiliary_and_changes_no_iterate(
         kind: str, preactivations: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Without the objective trace, the last iteration of a two-stage chain updates the auxiliaries and
     takes the first stage's cross-covariances in one sweep (``fused_updates``): float32 chain with
     biases, bfloat16 auxiliaries, token weights, two iterations. The weights, errors and escalations are
-    those of the stored updates (forced here by the trace), and when the last pass asks for its
-    activation no auxiliary is stored any more."""
+    those of the stored updates (forced here by the trace); nothing holds the auxiliary activation
+    while the sweep runs, nothing is stored when the last pass asks for its activation, and the
+    sweep's cross-covariances are gone by the time the output linear is solved. A three-stage chain
+    keeps the stored updates."""
+    import weakref
+
     from sparsesolve.core import coordinator
 
     torch.manual_seed(3)
-    module = (nn.Sequential(nn.Linear(16, 48), nn.ReLU(), nn.Linear(48, 16)) if kind == "relu"
-              else nn.Sequential(ss.GatedMLP(16, 48)))
+    module = {"relu": lambda: nn.Sequential(nn.Linear(16, 48), nn.ReLU(), nn.Linear(48, 16)),
+              "gated": lambda: nn.Sequential(ss.GatedMLP(16, 48)),
+              "relu3": lambda: nn.Sequential(nn.Linear(16, 48), nn.ReLU(), nn.Linear(48, 32), nn.ReLU(),
+                                             nn.Linear(32, 16))}[kind]()
     for linear in (m for m in module.modules() if isinstance(m, nn.Linear) and m.bias is not None):
         nn.init.normal_(linear.bias, std=0.3)
     x = correlated_inputs(400, 16, seed=13).float()
     token_weights = torch.rand(400, generator=torch.Generator().manual_seed(4)) + 0.5
-    runs, lent = {}, []
-    original_lend = coordinator.CoordinatorState._lend
+    runs, lent, sweeps, crosses, alive_at_output = {}, [], [], [], []
+    original_lend, original_fused = coordinator.CoordinatorState._lend, coordinator.CoordinatorState.fused_updates
+    original_cross = coordinator.CoordinatorState.cross
 
     def lend(self) -> torch.Tensor:
         lent.append((sum(p is not None for ps in self.pres for p in ps), sum(a is not None for a in self.acts)))
         return original_lend(self)
 
-    original_fused, sweeps = coordinator.CoordinatorState.fused_updates, []
-
     def fused_updates(self, *args, **kwargs) -> object:
-        sweeps.append(trace)
-        return original_fused(self, *args, **kwargs)
+        sweeps.append((trace, sum(a is not None for a in self.acts)))
+        out, escalations = original_fused(self, *args, **kwargs)
+        crosses.extend(weakref.ref(c) for c in out)
+        return out, escalations
+
+    def cross(self, target, linear, acts) -> torch.Tensor:
+        alive_at_output.append(sum(ref() is not None for ref in crosses))
+        return original_cross(self, target, linear, acts)
 
     monkeypatch.setattr(coordinator.CoordinatorState, "_lend", lend)
     monkeypatch.setattr(coordinator.CoordinatorState, "fused_updates", fused_updates)
+    monkeypatch.setattr(coordinator.CoordinatorState, "cross", cross)
     for trace in (True, False):
         lent.clear()
+        alive_at_output.clear()
         runs[trace] = coordinator.sparsellm(ss.Chain.from_module(copy.deepcopy(module)), x, parse_pattern("0.6"),
                                             iterations=2, alpha=0.1, prox="local", aux_dtype="bfloat16", trace=trace,
                                             preactivations=preactivations, token_weights=token_weights)
-        if not trace:   # the start's and the first pass's lending hold what they did; the last pass's, nothing
+        if not trace and kind != "relu3":
+            # the first pass's lending holds the pre-activations; the last pass's, nothing
             assert lent[-1] == (0, 0) and lent[1][0] == (2 if kind == "gated" else 1)
-    assert sweeps == [False]        # once, in the last iteration without the trace
+            assert alive_at_output[-1] == 0     # the output linear's cross: the sweep's are freed
+    # once, in the last iteration without the trace, with the auxiliary activation already released
+    assert sweeps == ([] if kind == "relu3" else [(False, 0)])
     stored, fused = runs[True], runs[False]
     assert fused.error == stored.error and fused.start_error == stored.start_error
     assert [h["ridge_escalations"] for h in fused.history] == [h["ridge_escalations"] for h in stored.history]

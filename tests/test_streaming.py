@@ -14,12 +14,13 @@ def test_products_summed_in_any_chunks_are_the_products_over_all_tokens(step: in
                                                                         dtype: torch.dtype) -> None:
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(203, 9, generator=g, dtype=dtype), torch.randn(203, 5, generator=g, dtype=dtype)
-    total = accumulate_products(203, step, chunk_size, lambda c: (a[c], b[c]))
-    assert total.dtype == dtype and total.shape == (9, 5)
+    first, second = accumulate_products(203, step, chunk_size, lambda c: ([a[c], 2 * a[c, :4]], b[c]))
+    assert first.dtype == dtype and first.shape == (9, 5) and second.shape == (4, 5)
     tolerance = 1e-5 if dtype == torch.float32 else 1e-12
-    torch.testing.assert_close(total.double(), a.double().T @ b.double(), rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(first.double(), a.double().T @ b.double(), rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(second.double(), 2 * a[:, :4].double().T @ b.double(), rtol=tolerance, atol=tolerance)
 
 
 def test_products_over_no_tokens_are_zeros_of_the_right_shape() -> None:
-    total = accumulate_products(0, 8, 8, lambda c: (torch.empty(c.stop - c.start, 3), torch.empty(c.stop - c.start, 4)))
+    (total,) = accumulate_products(0, 8, 8, lambda c: ([torch.empty(c.stop - c.start, 3)], torch.empty(c.stop - c.start, 4)))
     assert torch.equal(total, torch.zeros(3, 4))

@@ -57,8 +57,8 @@ MASK_SCOPES = ("row", "layer")
 #: tokens per chunk for per-token work: bounds the float32 copies to ``8192 x width``.
 DEFAULT_CHUNK = 8192
 #: values per array in one chunk of sparsellm's elementwise auxiliary updates
-#: (``CoordinatorState.update_chunk``): their ~11 per-chunk temporaries (``lm.memory``) then take 11 x 16 MiB
-#: on the CPU and 11 x 64 MiB on a GPU (float32) instead of 11 arrays of ``chunk_size x d_ff``, which at the default
+#: (``CoordinatorState.update_chunk``): their ~12 per-chunk temporaries (``lm.memory``) then take 12 x 16 MiB
+#: on the CPU and 12 x 64 MiB on a GPU (float32) instead of 12 arrays of ``chunk_size x d_ff``, which at the default
 #: 8,192 tokens are as large as one whole auxiliary of 65,536 tokens (SmolLM2: 48 MiB each; a 7B FFN:
 #: 344 MiB each). Those updates cost the same in smaller chunks: their products keep thousands of rows.
 UPDATE_BLOCK = 2**22

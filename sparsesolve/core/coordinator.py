@@ -373,7 +373,8 @@ class CoordinatorState:
         pre-activation update, and the cross-covariances ``(z_j - b_j)^T X`` of the new pre-activations
         with the chain's inputs, which is all the last pass reads of the auxiliaries (the first stage's
         input is ``X`` in every pass). Each value is rounded to the storage dtype where the stored updates
-        store it, so the results are theirs, bit for bit when the token chunks coincide; otherwise the
+        store it, so the results are theirs (bit for bit in the tests, whose token chunks coincide; each
+        cross-covariance is its own product, as in ``cross``). Where the chunks differ, the
         cross-covariances are summed in update chunks (``streaming.accumulate_products``: in place over
         runs of about ``chunk_size`` tokens, then in float64), which changes only the rounding. The
         dense pre-activations are read where stored, else computed from the dense weights; stored or
@@ -383,28 +384,21 @@ class CoordinatorState:
         stage = self.chain.stages[0]
         step, escalations = self.activation_step(0, weights)
         dense = self._dense_weights(1)[0] if any(p is None for p in self.pres[0]) else None
-        widths = [w.shape[0] for w in weights[0]]
-        biases = [lin.bias for lin in stage.linears]
-        bias = None if all(b is None for b in biases) else torch.cat(
-            [torch.zeros(m, dtype=self.dtype, device=self.inputs.device) if b is None else b.to(self.dtype)
-             for b, m in zip(biases, widths)])
 
         def stored(values: torch.Tensor) -> torch.Tensor:
             return values.to(self.storage).to(self.dtype)
 
-        def part(c: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        def part(c: slice) -> tuple[list[torch.Tensor], torch.Tensor]:
             x = self.inputs[c].to(self.dtype)
             z = ([p[c].to(self.dtype) for p in self.pres[0]] if dense is None
                  else [stored(apply_linear(x, w, lin)) for lin, w in zip(stage.linears, dense)])
             a = stored(step(stage.activate(z), c))
             maps = [apply_linear(x, w, lin) for lin, w in zip(stage.linears, weights[0])]
-            new = torch.cat([stored(v) for v in stage.prox(maps, z, a, self.alpha, self.gamma, local_steps=local_steps)], dim=1)
-            if bias is not None:
-                new = new - bias
-            return weigh(new, self.weights, c), weigh(x, self.weights, c)
+            new = [stored(v) for v in stage.prox(maps, z, a, self.alpha, self.gamma, local_steps=local_steps)]
+            new = [v if lin.bias is None else v.sub_(lin.bias.to(self.dtype)) for v, lin in zip(new, stage.linears)]
+            return [weigh(v, self.weights, c) for v in new], weigh(x, self.weights, c)
 
-        crosses = accumulate_products(self.n, self.sweep_chunk, self.chunk, part)
-        return list(crosses.split(widths)), escalations
+        return accumulate_products(self.n, self.sweep_chunk, self.chunk, part), escalations
 
     def update_preactivation(self, l: int, weights: list[list[torch.Tensor]], local_steps: int | None = None) -> None:
         """Elementwise proximal update of the pre-activations ``z_l`` given ``a_l`` (``stage.prox``;
@@ -491,6 +485,7 @@ def sparsellm(
         crosses: list[torch.Tensor] | None = None
         if iteration == config.iterations and state.last == 1 and not config.trace:
             # the last iteration of an FFN: one sweep, no auxiliary stored (module docstring)
+            state.release_lendable()
             crosses, escalations = state.fused_updates(weights, local_steps)
             state.release_auxiliaries()
         else:
@@ -511,7 +506,10 @@ def sparsellm(
         def solve(l: int, j: int, linear: LinearMap, h: torch.Tensor, acts: torch.Tensor) -> LayerSolution:
             own = pattern_for(pattern, linear.name)
             ridge = config.ridge_at(own.sparsity)
-            cross = crosses[j] if crosses is not None and l == 0 else state.cross(state.stage_targets(l)[j], linear, acts)
+            if crosses is not None and l == 0:
+                cross, crosses[j] = crosses[j], None        # the sweep's, freed once its solve is done
+            else:
+                cross = state.cross(state.stage_targets(l)[j], linear, acts)
             if iteration == config.iterations and l < state.last:
                 state.release_preactivation(l, j)
             if config.trust > 0:

@@ -49,28 +49,36 @@ def accumulate(n_tokens: int, chunk_size: int | None, fn: Callable[[slice], torc
 
 
 def accumulate_products(n_tokens: int, step: int | None, chunk_size: int | None,
-                        fn: Callable[[slice], tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """``sum_c A_c^T B_c`` for ``(A_c, B_c) = fn(c)`` (``c x M`` and ``c x K``) over chunks of ``step`` tokens:
-    added in place in the parts' dtype over runs of at least ``chunk_size`` tokens (None: all of them),
-    as one product over ``chunk_size`` tokens would sum them, and those runs in float64; summed over the
-    ranks when token sharded. For a stream whose per-token work wants smaller chunks than its sums:
-    no ``M x K`` product per chunk is materialised, and a single run needs no float64 copy."""
-    total = partial = None
+                        fn: Callable[[slice], tuple[list[torch.Tensor], torch.Tensor]]) -> list[torch.Tensor]:
+    """``[sum_c A_{j,c}^T B_c for each j]`` for ``([A_{1,c}, A_{2,c}, ...], B_c) = fn(c)`` (``c x M_j`` and
+    ``c x K``) over chunks of ``step`` tokens: added in place in the parts' dtype over runs of at least
+    ``chunk_size`` tokens (None: all of them), as one product over ``chunk_size`` tokens would sum them,
+    and those runs in float64; summed over the ranks when token sharded. For a stream whose per-token
+    work wants smaller chunks than its sums: no ``M_j x K`` product per chunk is materialised, a single
+    run needs no float64 copy, and each sum is its own array (a caller may drop each once used)."""
+    totals: list[torch.Tensor | None] = []
+    partials: list[torch.Tensor] = []
     since = 0
     for chunk in list(token_chunks(n_tokens, step)) or [slice(0, 0)]:
-        a, b = fn(chunk)
-        if partial is None:
-            partial = torch.zeros(a.shape[1], b.shape[1], dtype=a.dtype, device=a.device)
-        partial.addmm_(a.T, b)
+        parts, b = fn(chunk)
+        if not partials:
+            partials = [torch.zeros(a.shape[1], b.shape[1], dtype=a.dtype, device=a.device) for a in parts]
+            totals = [None] * len(parts)
+        for partial, a in zip(partials, parts):
+            partial.addmm_(a.T, b)
         since += chunk.stop - chunk.start
         if chunk_size is not None and since >= chunk_size:
-            total = partial.to(torch.float64, copy=True) if total is None else total.add_(partial)
-            partial.zero_()
+            totals = [p.to(torch.float64, copy=True) if t is None else t.add_(p) for t, p in zip(totals, partials)]
+            for partial in partials:
+                partial.zero_()
             since = 0
-    if total is None and not sharded():
-        return partial              # one run: its sum is the total, and no float64 copy is needed
-    total = partial.double() if total is None else total.add_(partial)
-    return reduce(total).to(partial.dtype)
+    if not sharded() and all(t is None for t in totals):
+        return partials             # one run: its sums are the totals, and no float64 copy is needed
+    for j, (total, partial) in enumerate(zip(totals, partials)):
+        summed = partial.to(torch.float64, copy=True) if total is None else total.add_(partial)
+        partial.copy_(reduce(summed))
+        totals[j] = summed = None
+    return partials
 
 
 def map_tokens(

@@ -16,7 +16,7 @@ loaded) holds, at the peak, which is the FFN step:
   activation, whose storage the sequential passes reuse for their own activation) alive at its peak
   phase (below).
 - ``chunks``: per-chunk temporaries: ``3 C f c`` of a pass's forward products and activation; sparsellm's
-  elementwise updates hold ``11 B c`` (``UPDATE_TEMPORARIES``) in chunks of ``B = min(C f,
+  elementwise updates hold ``12 B c`` (``UPDATE_TEMPORARIES``) in chunks of ``B = min(C f,
   UPDATE_BLOCK)`` values (``UPDATE_BLOCK_DEVICE`` off the CPU), so it takes the larger of the two.
 - ``statistics``: the Grams and the solver's factors of the widest linear, ``S = 3 f^2 c + 3 d f c``;
   ``S0 = 3 d^2 c + 3 d f c`` while the linears reading the FFN's input are solved.
@@ -36,9 +36,9 @@ auxiliary:
 - the one-shot start: the lent activation and the kept pre-activations, ``(1 + g) A`` (``A`` when
   they are computed again), with ``S``;
 - the last iteration's sweep: the kept pre-activations, ``g A`` (none when computed again), with
-  ``3 Q`` (the float64 sums and one chunk's part) and ``W0`` (when the pre-activations are computed
-  again and the model is not stored in float32, also ``g d f c``: the dense weights of gate and up in
-  float32);
+  ``3 Q + 2 d f c`` (the sums in float32 and float64; the output linear's weight and the activation
+  update's coupling) and ``W0`` (when the pre-activations are computed again and the model is not
+  stored in float32, also ``g d f c``: the dense weights of gate and up in float32);
 - the last pass, solving gate and up: no auxiliary, ``S0 + Q``, ``W0 + R``;
 - the last pass, solving the output linear: ``A`` (its activation) with ``S``, ``W0 + R``;
 - with more than one iteration, the passes before the last keep every auxiliary: ``(g + 1) A`` with
@@ -65,8 +65,9 @@ __all__ = ["pruning_memory", "pruning_memory_of"]
 
 _COMPUTE = 4
 #: chunk-sized float32 arrays alive at the peak of sparsellm's elementwise updates: 11.2 (stored) and 10.5
-#: (fused) measured as resident memory around one chunk of 2^22 values of a gated FFN (a one-off measurement)
-UPDATE_TEMPORARIES = 11
+#: (the sweep) measured as resident memory around one chunk of 2^22 values of a gated FFN (a one-off
+#: measurement), rounded up
+UPDATE_TEMPORARIES = 12
 #: a storage dtype's name by its bytes per value (2: the language-model default half type), and back
 _NAMES = {2: "bfloat16", 4: "float32", 8: "float64"}
 _BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8}
@@ -96,7 +97,8 @@ def pruning_memory(*, tokens: int, d_model: int, d_ff: int, layer_params: int, m
         recompute = 0 if kept or param_bytes == c else g * d * f * c
         crosses = g * d * f * c
         phases = [(1 + kept, full, 0),                              # the one-shot start
-                  (kept, recompute + 3 * crosses, start),           # the fused updates (a float64 sum, a chunk's part)
+                  (kept, recompute + 3 * crosses + 2 * d * f * c, start),   # the sweep: sums in float32 and
+                                                                                # float64, the activation update's W, B
                   (0, first + crosses, start + refit),              # the last pass, gate and up
                   (1, full, start + refit)]                         # the last pass, the output linear
         if (SparseLLMConfig.for_language_models().iterations if iterations is None else iterations) > 1:
