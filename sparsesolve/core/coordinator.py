@@ -50,9 +50,10 @@ stage's input in every pass. So step 1 runs there as one sweep over the tokens
 the dense weights), the activation update, the pre-activation update and those cross-covariances;
 no auxiliary is stored, each value is rounded to the storage dtype where the stored updates would
 store it, and the iterates are the same (to rounding where the sweep's chunks differ from
-``chunk_size``'s: the sums over tokens then run over other chunks). With the default single iteration the coordinator then
-holds no ``N x d_ff`` array beyond the one a layer-wise method holds (the pruned activation before
-the output linear) but the dense pre-activations, and those only when they are kept.
+``chunk_size``'s: the sums over tokens then run over other chunks). With the default single
+iteration the coordinator then holds no ``N x d_ff`` array beyond the one a layer-wise method holds
+(the pruned activation before the output linear) but the dense pre-activations, and those only when
+they are kept.
 
 Only the ratios ``beta / gamma`` and ``alpha / gamma`` matter: scaling all three by a common factor
 leaves every update unchanged.

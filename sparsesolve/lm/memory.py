@@ -96,11 +96,11 @@ def pruning_memory(*, tokens: int, d_model: int, d_ff: int, layer_params: int, m
         kept = 0 if recompute_preactivations(device, preactivations) else g    # pre-activations kept through the start
         recompute = 0 if kept or param_bytes == c else g * d * f * c
         crosses = g * d * f * c
-        phases = [(1 + kept, full, 0),                              # the one-shot start
-                  (kept, recompute + 3 * crosses + 2 * d * f * c, start),   # the sweep: sums in float32 and
-                                                                                # float64, the activation update's W, B
-                  (0, first + crosses, start + refit),              # the last pass, gate and up
-                  (1, full, start + refit)]                         # the last pass, the output linear
+        sweep = recompute + 3 * crosses + 2 * d * f * c       # sums in float32 and float64; the coupling's W, B
+        phases = [(1 + kept, full, 0),                          # the one-shot start
+                  (kept, sweep, start),                         # the last iteration's sweep
+                  (0, first + crosses, start + refit),          # the last pass, gate and up
+                  (1, full, start + refit)]                     # the last pass, the output linear
         if (SparseLLMConfig.for_language_models().iterations if iterations is None else iterations) > 1:
             phases.append((g + 1, full, 2 * start + refit))
         arrays, statistics, candidates = max(phases, key=lambda p: p[0] * n * f * a + p[1] + p[2])
